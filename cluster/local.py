@@ -1,0 +1,92 @@
+"""Local single-node mode: start (or attach to) a Ray instance sized to this machine.
+
+Attach when an address is given (config or ``RAY_ADDRESS``, as inside ``ray job submit``);
+otherwise start Ray in-process with the dashboard and job server on 127.0.0.1 only, and stop
+exactly what was started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tooltune.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class RayConfig(StrictModel):
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    dashboard: bool = False
+    dashboard_port: int = 8265
+    object_store_gib: float = 1.0
+    temp_dir: str | None = None
+
+
+def _local_env() -> None:
+    # Token auth (on by default in Ray 2.60) only guards a loopback-bound head here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def start(cfg: RayConfig | None = None) -> bool:
+    """Connect to Ray; return True when this call started it (so ``stop`` should end it)."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return False
+    _local_env()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(
+        num_cpus=cfg.num_cpus or os.cpu_count(),
+        num_gpus=cfg.num_gpus,
+        include_dashboard=cfg.dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=cfg.dashboard_port,
+        object_store_memory=int(cfg.object_store_gib * 2**30),
+        _temp_dir=cfg.temp_dir,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def stop(started: bool) -> None:
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def local_ray(cfg: RayConfig | None = None) -> Iterator[None]:
+    started = start(cfg)
+    try:
+        yield
+    finally:
+        stop(started)
+
+
+def head_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265) -> str:
+    """Start a persistent local head (``ray start --head``) that ``ray job submit`` can reach."""
+    _local_env()
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
+        f"--port={port}", f"--num-cpus={num_cpus or os.cpu_count()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env=os.environ)
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
+def head_down() -> None:
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], check=True)

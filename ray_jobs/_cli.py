@@ -1,0 +1,24 @@
+"""The one way every job reads its config from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TypeVar
+
+from tooltune.config import ConfigError, StrictModel, load_config
+
+C = TypeVar("C", bound=StrictModel)
+
+
+def job_config(cls: type[C], description: str, argv: list[str] | None = None) -> C:
+    """``--config FILE`` plus dotted ``key=value`` overrides; a bad config is one line, exit 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, cls, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

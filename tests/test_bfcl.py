@@ -1,0 +1,185 @@
+"""The BFCL adapter: data loads as valid OpenAI tools, BFCL's own checker scores our calls."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+pytest.importorskip("bfcl_eval")
+
+from jsonschema import Draft202012Validator  # noqa: E402
+
+from tooltune.bfcl import (  # noqa: E402
+    BFCL_CATEGORIES,
+    BfclItem,
+    bfcl_files,
+    bfcl_summary,
+    function_to_tool,
+    load_bfcl,
+    reference_calls,
+    score_bfcl,
+)
+from tooltune.episode import ToolCall  # noqa: E402
+
+LIMIT = 5
+
+
+@pytest.fixture(scope="module")
+def items() -> list[BfclItem]:
+    return load_bfcl(limit_per_category=LIMIT)
+
+
+def _of(items: list[BfclItem], category: str) -> list[BfclItem]:
+    return [i for i in items if i.category == category]
+
+
+def test_data_files_ship_with_the_package():
+    for category in BFCL_CATEGORIES:
+        questions, answers = bfcl_files(category)
+        assert questions.name.startswith("BFCL_v4_") and questions.is_file()
+        assert (answers is None) == (category == "irrelevance")
+        assert answers is None or answers.is_file()
+
+
+def test_every_category_loads(items):
+    for category in BFCL_CATEGORIES:
+        loaded = _of(items, category)
+        assert len(loaded) == LIMIT, category
+        for item in loaded:
+            assert item.messages and item.messages[-1]["role"] == "user"
+            assert all(m["role"] in ("system", "user") for m in item.messages)
+            assert len(item.tools) == len(item.functions) >= 1
+            assert (item.ground_truth is None) == (category == "irrelevance")
+
+
+def test_tools_are_valid_openai_json_schema(items):
+    for item in items:
+        for tool in item.tools:
+            assert tool["type"] == "function"
+            fn = tool["function"]
+            assert fn["name"].replace("_", "").replace("-", "").isalnum(), fn["name"]
+            assert fn["description"]
+            Draft202012Validator.check_schema(fn["parameters"])
+            assert fn["parameters"]["type"] == "object"
+        assert sorted(item.name_map.values()) == sorted(f["name"] for f in item.functions)
+
+
+def test_bfcl_only_types_are_mapped():
+    doc = {
+        "name": "geo.lookup",
+        "description": "Look up.",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "point": {"type": "tuple", "items": {"type": "float"}, "description": "x, y"},
+                "meta": {"type": "dict", "properties": {"tag": {"type": "any"}}, "optional": True},
+                "scale": {"type": "float", "description": "Scale."},
+            },
+            "required": ["point"],
+        },
+    }
+    fn = function_to_tool(doc)["function"]
+    params = fn["parameters"]
+    Draft202012Validator.check_schema(params)
+    assert fn["name"] == "geo_lookup"
+    assert params["type"] == "object" and params["required"] == ["point"]
+    assert params["properties"]["point"]["type"] == "array"
+    assert params["properties"]["point"]["items"]["type"] == "number"
+    assert params["properties"]["meta"]["type"] == "object" and "optional" not in params["properties"]["meta"]
+    assert "type" not in params["properties"]["meta"]["properties"]["tag"]  # "any": no constraint
+    assert params["properties"]["scale"]["type"] == "number"
+    assert params["properties"]["scale"]["description"].startswith("Scale.")
+    assert doc["parameters"]["type"] == "dict"  # the BFCL doc the checker reads is left alone
+
+
+@pytest.mark.parametrize("category", ["simple", "multiple", "parallel", "parallel_multiple"])
+def test_ground_truth_scores_correct(items, category):
+    for item in _of(items, category):
+        calls = reference_calls(item)
+        assert calls, item.id
+        assert all("." not in c.name for c in calls)  # model-facing names, mapped back by score_bfcl
+        score = score_bfcl(item, calls)
+        assert score.correct, (item.id, score.error)
+
+
+def test_parallel_calls_in_any_order(items):
+    item = next(i for i in _of(items, "parallel") if len(reference_calls(i)) > 1)
+    assert score_bfcl(item, list(reversed(reference_calls(item)))).correct
+    assert not score_bfcl(item, reference_calls(item)[:1]).correct  # a missing call
+
+
+def test_dotted_names_are_mapped_back(items):
+    item = next(i for i in items if any("." in f["name"] for f in i.functions) and i.ground_truth)
+    assert any("." not in t["function"]["name"] and "_" in t["function"]["name"] for t in item.tools)
+    assert score_bfcl(item, reference_calls(item)).correct
+
+
+def _perturb(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 7
+    if isinstance(value, str):
+        return value + " zzz"
+    if isinstance(value, list):
+        return value + value[:1] if value else ["zzz"]
+    return {"zzz": 1}
+
+
+@pytest.mark.parametrize("category", ["simple", "multiple", "parallel", "parallel_multiple"])
+def test_wrong_value_or_name_scores_incorrect(items, category):
+    for item in _of(items, category):
+        calls = reference_calls(item)
+        first = calls[0]
+        arg = next(iter(first.arguments))
+        wrong_value = [ToolCall(first.name, {**first.arguments, arg: _perturb(first.arguments[arg])}), *calls[1:]]
+        wrong_name = [ToolCall(first.name + "_x", first.arguments), *calls[1:]]
+        for bad in (wrong_value, wrong_name, []):
+            score = score_bfcl(item, bad)
+            assert not score.correct and score.error, (item.id, bad)
+
+
+def test_multiple_rejects_the_wrong_tool(items):
+    item = next(i for i in _of(items, "multiple") if len(i.tools) > 1)
+    (expected,) = reference_calls(item)
+    other = next(t["function"]["name"] for t in item.tools if t["function"]["name"] != expected.name)
+    assert not score_bfcl(item, [ToolCall(other, expected.arguments)]).correct
+
+
+def test_irrelevance(items):
+    for item in _of(items, "irrelevance"):
+        assert score_bfcl(item, []).correct
+        tool = item.tools[0]["function"]["name"]
+        score = score_bfcl(item, [ToolCall(tool, {})])
+        assert not score.correct and tool in score.error
+
+
+def test_summary(items):
+    scores = [score_bfcl(i, reference_calls(i) if i.category != "irrelevance" else []) for i in items]
+    scores[0] = score_bfcl(items[0], [])  # one simple item wrong
+    summary = bfcl_summary(items, scores)
+    assert list(summary["categories"]) == list(BFCL_CATEGORIES)
+    assert summary["categories"]["simple"] == {"accuracy": (LIMIT - 1) / LIMIT, "correct": LIMIT - 1, "total": LIMIT}
+    assert summary["categories"]["irrelevance"]["accuracy"] == 1.0
+    assert summary["overall"]["total"] == len(items)
+    assert summary["overall"]["correct"] == len(items) - 1
+    with pytest.raises(ValueError):
+        bfcl_summary(items, scores[:-1])
+
+
+def test_checker_is_loaded_without_vendor_sdks(items):
+    score_bfcl(_of(items, "simple")[0], [])
+    assert "bfcl_eval.eval_checker.ast_eval.ast_checker" in sys.modules
+    # The stub that stood in for model_config (which imports every API SDK) is gone again.
+    assert "bfcl_eval.constants.model_config" not in sys.modules or hasattr(
+        sys.modules["bfcl_eval.constants.model_config"], "ModelConfig"
+    )
+    for sdk in ("openai", "anthropic", "mistralai", "cohere", "google.genai", "boto3"):
+        assert sdk not in sys.modules or sdk in _PRELOADED, sdk
+    assert "bfcl_eval.constants.eval_config" not in sys.modules or "eval_config" in _PRELOADED_BFCL
+
+
+# Taken at collection, before any scoring: another test module may have imported an SDK itself.
+_PRELOADED = {m for m in ("openai", "anthropic", "mistralai", "cohere", "google.genai", "boto3") if m in sys.modules}
+_PRELOADED_BFCL = "eval_config" if "bfcl_eval.constants.eval_config" in sys.modules else ""

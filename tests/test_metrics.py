@@ -1,0 +1,150 @@
+"""Metrics on a hand-built set of seven episodes, every number computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from tooltune.episode import EndReason, Episode, FailureReason, Task, ToolCall, Turn
+from tooltune.metrics import METRIC_KEYS, compute_metrics, metrics_markdown
+
+
+def weather(city):
+    return ToolCall("get_weather", {"city": city})
+
+
+CALC = ToolCall("calculator", {"expression": "1+1"})
+
+
+def task(tid, calls=(), answer="", unseen=False):
+    return Task(
+        id=tid,
+        query=tid,
+        tools=[],
+        expected_calls=[list(s) for s in calls],
+        expected_answer=answer,
+        unseen_tools=unseen,
+    )
+
+
+def episode(tid, *turns, final=None, tokens=0, end=EndReason.FINAL_ANSWER):
+    return Episode(task_id=tid, turns=list(turns), final_answer=final, end_reason=end, num_generated_tokens=tokens)
+
+
+TASKS = [
+    task("t1", [[weather("Paris")]], "sunny"),
+    task("t2", [[weather("Paris")]], "sunny"),
+    task("t3", [[weather("Paris")]], "sunny"),
+    task("t4", [], "2"),
+    task("t5", [], ""),
+    task("t6", [[weather("Paris"), weather("Oslo")]], "sunny", unseen=True),
+    task("t7", [[weather("Paris")]], "sunny", unseen=True),
+]
+EPISODES = [
+    # right call, right answer
+    episode("t1", Turn("", [weather("Paris")]), Turn("Sunny in Paris"), final="Sunny in Paris", tokens=20),
+    # right tool, wrong argument, wrong answer
+    episode("t2", Turn("", [weather("Lyon")]), Turn("Rainy"), final="Rainy", tokens=30),
+    # no call where one was needed (the answer happens to be right)
+    episode("t3", Turn("It is sunny"), final="It is sunny", tokens=10),
+    # no call needed, none made, right answer
+    episode("t4", Turn("2"), final="2", tokens=5),
+    # no call needed, a malformed attempt, then any answer (expected_answer is empty)
+    episode("t5", Turn("<tool_call>{", failure=FailureReason.MALFORMED_JSON), Turn("hello"), final="hello", tokens=15),
+    # an invalid attempt, then both parallel calls in the other order: exact
+    episode(
+        "t6",
+        Turn("...", failure=FailureReason.INVALID_ARGUMENTS),
+        Turn("", [weather("Oslo"), weather("Paris")]),
+        Turn("Both SUNNY"),
+        final="Both SUNNY",
+        tokens=40,
+    ),
+    # wrong tool, then out of turns
+    episode("t7", Turn("", [CALC]), final=None, tokens=30, end=EndReason.TURN_LIMIT),
+]
+
+
+def test_every_metric_by_hand():
+    m = compute_metrics(TASKS, list(reversed(EPISODES)))
+    # 6 turns attempted a call (t1, t2, t5, t6 x2, t7); t5's and t6's first failed.
+    assert m["call_validity"] == pytest.approx(4 / 6)
+    # needed: t1 t2 t3 t6 t7. names match: t1 t2 t6.
+    assert m["tool_selection_accuracy"] == pytest.approx(3 / 5)
+    # exact: t1 t6.
+    assert m["argument_accuracy"] == pytest.approx(2 / 5)
+    # not needed: t4 t5; t5 attempted.
+    assert m["over_call_rate"] == pytest.approx(1 / 2)
+    # needed and no attempt: t3.
+    assert m["under_call_rate"] == pytest.approx(1 / 5)
+    # right final answers: t1 t3 t4 t5 t6.
+    assert m["final_answer_accuracy"] == pytest.approx(5 / 7)
+    assert m["calls_per_query"] == pytest.approx(5 / 7)
+    assert m["tokens_per_query"] == pytest.approx(150 / 7)
+    assert m["n_tasks"] == 7
+
+
+def test_seen_and_unseen_breakdown():
+    m = compute_metrics(TASKS, EPISODES)
+    assert m["seen"] == pytest.approx(
+        {
+            "n_tasks": 5,
+            "call_validity": 2 / 3,
+            "tool_selection_accuracy": 2 / 3,
+            "argument_accuracy": 1 / 3,
+            "over_call_rate": 1 / 2,
+            "under_call_rate": 1 / 3,
+            "final_answer_accuracy": 4 / 5,
+            "calls_per_query": 2 / 5,
+            "tokens_per_query": 16.0,
+        }
+    )
+    unseen = m["unseen"]
+    assert unseen["over_call_rate"] is None  # no unseen task that needs no tool
+    assert {k: v for k, v in unseen.items() if k != "over_call_rate"} == pytest.approx(
+        {
+            "n_tasks": 2,
+            "call_validity": 2 / 3,
+            "tool_selection_accuracy": 1 / 2,
+            "argument_accuracy": 1 / 2,
+            "under_call_rate": 0.0,
+            "final_answer_accuracy": 1 / 2,
+            "calls_per_query": 3 / 2,
+            "tokens_per_query": 35.0,
+        }
+    )
+
+
+def test_parallel_calls_made_one_per_turn_are_not_exact():
+    t = task("p", [[weather("Paris"), weather("Oslo")]], "")
+    e = episode("p", Turn("", [weather("Paris")]), Turn("", [weather("Oslo")]), Turn("done"), final="done")
+    m = compute_metrics([t], [e])
+    assert m["tool_selection_accuracy"] == 1.0 and m["argument_accuracy"] == 0.0
+
+
+def test_empty_and_degenerate_sets_give_none_not_nan():
+    m = compute_metrics([], [])
+    assert m["n_tasks"] == 0 and all(m[k] is None for k in METRIC_KEYS if k != "n_tasks")
+    only_chat = compute_metrics([task("c", [], "")], [episode("c", Turn("hi"), final="hi")])
+    assert only_chat["call_validity"] is None and only_chat["tool_selection_accuracy"] is None
+    assert only_chat["over_call_rate"] == 0.0 and only_chat["final_answer_accuracy"] == 1.0
+
+
+def test_tasks_and_episodes_must_pair_up():
+    with pytest.raises(ValueError, match="no episode for"):
+        compute_metrics(TASKS, EPISODES[:-1])
+    with pytest.raises(ValueError, match="two episodes"):
+        compute_metrics(TASKS, EPISODES + EPISODES[:1])
+
+
+def test_markdown_table():
+    base = compute_metrics(TASKS, EPISODES)
+    table = metrics_markdown({"sft": base, "ppo": compute_metrics(TASKS[3:4], EPISODES[3:4])})
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| run | tasks | call validity | tool selection | arguments (exact) | over-call | under-call | "
+        "final answer | calls/query | tokens/query |"
+    )
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| sft | 7 | 66.7% | 60.0% | 40.0% | 50.0% | 20.0% | 71.4% | 0.71 | 21.4 |"
+    assert lines[3] == "| ppo | 1 | n/a | n/a | n/a | 0.0% | n/a | 100.0% | 0.00 | 5.0 |"
+    assert metrics_markdown({"sft": base}, subset="unseen").splitlines()[2].startswith("| sft | 2 | 66.7% | 50.0%")

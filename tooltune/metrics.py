@@ -1,0 +1,146 @@
+"""Evaluation metrics, always reported together: how well a model calls, and when it should not.
+
+``compute_metrics(tasks, episodes)`` pairs each task with its episode (by ``task_id``) and
+returns these keys. Rates are shares in [0, 1]; a rate whose denominator is empty is ``None``
+(never NaN), so "no such tasks" cannot read as 0% or 100%.
+
+- ``n_tasks``: the number of tasks.
+- ``call_validity``: of all model turns that attempted a call (wrote a call, or a call that was
+  malformed, named an unknown tool or broke the schema), the share with no failure: every call
+  in the turn parsed and fit its schema.
+- ``tool_selection_accuracy``: of tasks that need a tool, the share whose called tool names,
+  as a multiset over the episode, equal the expected ones.
+- ``argument_accuracy`` (exact-call accuracy): of tasks that need a tool, the share whose calls
+  equal the expected calls exactly. The turns that made calls, in order, must match the expected
+  steps one to one; within a step the calls are compared as a multiset of name + arguments
+  (``ToolCall.key``: JSON-equal, so ``2`` and ``2.0`` differ). Calls the expected step issues
+  together but the model issues in two turns do not match.
+- ``over_call_rate``: of tasks that need no tool, the share where the model attempted a call.
+- ``under_call_rate``: of tasks that need a tool, the share where it attempted none.
+- ``final_answer_accuracy``: of all tasks, the share whose episode ended with a final answer
+  (``EndReason.FINAL_ANSWER``) containing ``expected_answer``, case-insensitively; when
+  ``expected_answer`` is empty, any final answer counts.
+- ``calls_per_query``: parsed calls per task, averaged over tasks.
+- ``tokens_per_query``: generated tokens per task, averaged over tasks.
+- ``seen`` / ``unseen``: the same keys over tasks whose tools were seen in training
+  (``unseen_tools`` False) or not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tooltune.episode import EndReason, Episode, Task
+
+METRIC_KEYS = (
+    "n_tasks",
+    "call_validity",
+    "tool_selection_accuracy",
+    "argument_accuracy",
+    "over_call_rate",
+    "under_call_rate",
+    "final_answer_accuracy",
+    "calls_per_query",
+    "tokens_per_query",
+)
+
+_COLUMNS = {
+    "n_tasks": "tasks",
+    "call_validity": "call validity",
+    "tool_selection_accuracy": "tool selection",
+    "argument_accuracy": "arguments (exact)",
+    "over_call_rate": "over-call",
+    "under_call_rate": "under-call",
+    "final_answer_accuracy": "final answer",
+    "calls_per_query": "calls/query",
+    "tokens_per_query": "tokens/query",
+}
+
+
+def answer_is_correct(task: Task, episode: Episode) -> bool:
+    """The episode ended with a final answer that contains the expected one (any, if none is set)."""
+    if episode.end_reason != EndReason.FINAL_ANSWER or episode.final_answer is None:
+        return False
+    return task.expected_answer.lower() in episode.final_answer.lower()
+
+
+def tool_names_match(task: Task, episode: Episode) -> bool:
+    """The called tool names, as a multiset, equal the expected ones."""
+    return Counter(c.name for c in episode.calls) == Counter(c.name for c in task.flat_expected_calls())
+
+
+def calls_match_exactly(task: Task, episode: Episode) -> bool:
+    """The calling turns match the expected steps one to one, each step order-insensitive."""
+    made = [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
+    expected = [Counter(c.key() for c in step) for step in task.expected_calls if step]
+    return made == expected
+
+
+def _share(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+def _summary(pairs: list[tuple[Task, Episode]]) -> dict[str, Any]:
+    needed = [(t, e) for t, e in pairs if t.needs_tool]
+    not_needed = [(t, e) for t, e in pairs if not t.needs_tool]
+    attempts = [turn for _, e in pairs for turn in e.turns if turn.attempted_call]
+    return {
+        "n_tasks": len(pairs),
+        "call_validity": _share(sum(turn.failure is None for turn in attempts), len(attempts)),
+        "tool_selection_accuracy": _share(sum(tool_names_match(t, e) for t, e in needed), len(needed)),
+        "argument_accuracy": _share(sum(calls_match_exactly(t, e) for t, e in needed), len(needed)),
+        "over_call_rate": _share(sum(e.attempted_call for _, e in not_needed), len(not_needed)),
+        "under_call_rate": _share(sum(not e.attempted_call for _, e in needed), len(needed)),
+        "final_answer_accuracy": _share(sum(answer_is_correct(t, e) for t, e in pairs), len(pairs)),
+        "calls_per_query": _share(sum(len(e.calls) for _, e in pairs), len(pairs)),
+        "tokens_per_query": _share(sum(e.num_generated_tokens for _, e in pairs), len(pairs)),
+    }
+
+
+def pair_episodes(tasks: list[Task], episodes: list[Episode]) -> list[tuple[Task, Episode]]:
+    """Each task with its one episode; a missing, extra or repeated episode is an error."""
+    by_id: dict[str, Episode] = {}
+    for episode in episodes:
+        if episode.task_id in by_id:
+            raise ValueError(f"two episodes for task {episode.task_id!r}")
+        by_id[episode.task_id] = episode
+    task_ids = [t.id for t in tasks]
+    missing = [i for i in task_ids if i not in by_id]
+    extra = sorted(set(by_id) - set(task_ids))
+    if missing or extra or len(set(task_ids)) != len(task_ids):
+        raise ValueError(
+            f"tasks and episodes do not pair up: no episode for {missing[:5]}, no task for {extra[:5]}, "
+            f"{len(task_ids) - len(set(task_ids))} repeated task ids"
+        )
+    return [(t, by_id[t.id]) for t in tasks]
+
+
+def compute_metrics(tasks: list[Task], episodes: list[Episode]) -> dict[str, Any]:
+    """Every metric of the module docstring, overall and for ``seen`` / ``unseen`` tools."""
+    pairs = pair_episodes(tasks, episodes)
+    result = _summary(pairs)
+    result["seen"] = _summary([(t, e) for t, e in pairs if not t.unseen_tools])
+    result["unseen"] = _summary([(t, e) for t, e in pairs if t.unseen_tools])
+    return result
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key == "n_tasks":
+        return str(value)
+    if key.endswith("_per_query"):
+        return f"{value:.2f}" if key == "calls_per_query" else f"{value:.1f}"
+    return f"{100 * value:.1f}%"
+
+
+def metrics_markdown(results: dict[str, dict[str, Any]], subset: str | None = None) -> str:
+    """A Markdown table, one row per run (the keys of ``results``, in order). ``subset`` picks
+    ``"seen"`` or ``"unseen"`` instead of the overall numbers."""
+    header = ["run", *(_COLUMNS[k] for k in METRIC_KEYS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(METRIC_KEYS)) + "|"]
+    for run, metrics in results.items():
+        shown = metrics[subset] if subset else metrics
+        lines.append("| " + " | ".join([run, *(_cell(k, shown[k]) for k in METRIC_KEYS)]) + " |")
+    return "\n".join(lines)

