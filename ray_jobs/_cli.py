@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tooltune.config import ConfigError, StrictModel, load_config
@@ -20,5 +22,17 @@ def job_config(cls: type[C], description: str, argv: list[str] | None = None) ->
     try:
         return load_config(args.config, cls, args.overrides)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input the user can fix (config, data files) is one line on stderr and exit 2."""
+    from tooltune.data import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,9 +15,10 @@ from tooltune.parser import format_tool_calls, parse_assistant_text
 from tooltune.schema import tools_by_name, validate_arguments
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
 from tooltune.world import (
-    SMALL_TALK, WorldConfig, format_world_stats, generate_world, gold_final_answer, gold_messages, load_tasks,
+    WorldConfig, format_world_stats, generate_world, gold_final_answer, gold_messages, load_tasks,
     run_world, world_stats, write_world,
 )  # fmt: skip
+from tooltune.world_queries import SMALL_TALK
 
 CFG = WorldConfig(seed=7, n_train=300, n_validation=60, n_test=120)
 REGISTRY = builtin_registry()

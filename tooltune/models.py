@@ -115,6 +115,15 @@ def build_tiny_model(out_dir: str | Path, corpus: Iterable[str] | None = None, c
     return _save_atomically(model, tok, Path(out_dir))
 
 
+def chat_corpus(conversations: Iterable[tuple[list[dict], list[dict]]]) -> list[str]:
+    """Conversations rendered with the tool template: the text a tiny tokenizer should fit."""
+    from tooltune.chat import install_tool_template
+
+    renderer = build_tiny_tokenizer(["<|im_start|><|im_end|>"], 300)
+    install_tool_template(renderer)
+    return [renderer.apply_chat_template(m, tools=t or None, tokenize=False) for m, t in conversations]
+
+
 def tiny_model(corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None) -> Path:
     """The cached tiny model for this corpus and config (built on first use)."""
     import hashlib

@@ -28,7 +28,8 @@ class LoraConfig(StrictModel):
 class LearnerConfig(StrictModel):
     """What one learner group trains and how."""
 
-    model: str
+    # A path; jobs that build or resolve the model fill it in before the learners start.
+    model: str = ""
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
     lr: float = Field(1e-3, gt=0)
@@ -57,6 +58,8 @@ class Learner:
 
     def __init__(self, cfg: LearnerConfig | dict, rank: int, world_size: int):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
+        if not self.cfg.model:
+            raise ValueError("LearnerConfig.model is empty: no model path to train")
         self.rank, self.world_size = rank, world_size
         self.engine = None
 
@@ -154,13 +157,22 @@ class Learner:
         self.engine.step()
 
     def masked_nll(self, batch: dict[str, list[list[int]]]) -> tuple[torch.Tensor, int]:
-        """Summed next-token NLL over the tokens whose ``loss_mask`` is 1, and their count."""
-        ids = torch.tensor(batch["input_ids"])
-        attn = torch.tensor(batch["attention_mask"]) if "attention_mask" in batch else None
-        mask = torch.tensor(batch["loss_mask"])[:, 1:]
-        logp = self.token_logprobs(ids, attn)
-        mask = mask.to(logp.device, logp.dtype)
-        return -(logp * mask).sum(), int(mask.sum().item())
+        """Summed next-token NLL over the tokens whose ``loss_mask`` is 1, and their count.
+
+        Logits are computed only at positions some row needs (``logits_to_keep``): with a large
+        vocabulary and loss on assistant turns only, the LM head is otherwise most of the cost.
+        """
+        ids = torch.tensor(batch["input_ids"], device=self.device)
+        attn = torch.tensor(batch["attention_mask"], device=self.device) if "attention_mask" in batch else None
+        mask = torch.tensor(batch["loss_mask"], device=self.device)[:, 1:]
+        keep = mask.any(dim=0).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            return self.engine.module.get_input_embeddings().weight.sum() * 0.0, 0
+        logits = self.engine(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits.float()
+        targets = ids[:, keep + 1]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        m = mask[:, keep].to(logp.dtype)
+        return -(logp * m).sum(), int(m.sum().item())
 
     def train_step(self, micro_batches: list[dict[str, list[list[int]]]], global_tokens: int) -> dict[str, float]:
         """One optimizer step over this rank's ``grad_accum_steps`` micro-batches.
@@ -195,7 +207,7 @@ class Learner:
 
         import numpy as np
 
-        self.engine.save_checkpoint(directory, tag="state", client_state=client_state)
+        self.engine.save_checkpoint(directory, tag="deepspeed", client_state=client_state)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         torch.save(rng, os.path.join(directory, f"rng_rank{self.rank}.pt"))
 
@@ -204,7 +216,7 @@ class Learner:
 
         import numpy as np
 
-        _, client_state = self.engine.load_checkpoint(directory, tag="state")
+        _, client_state = self.engine.load_checkpoint(directory, tag="deepspeed")
         rng = torch.load(os.path.join(directory, f"rng_rank{self.rank}.pt"), weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

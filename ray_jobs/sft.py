@@ -1,0 +1,104 @@
+"""SFT job: teach the calling pattern (schemas in, <tool_call> JSON out, result in, answer out).
+
+    python -m ray_jobs.sft --config configs/tiny/sft.yaml [key=value ...]
+
+Reads like the stage: resolve the model, tokenize the conversations (assistant turns carry the
+loss), start the learner group, train with periodic validation and checkpoints, save the final
+Hugging Face checkpoint (tool-aware chat template included), evaluate it on the tool world.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import Field
+
+from cluster.local import RayConfig, local_ray
+from cluster.placement import RoleConfig
+from ray_jobs._cli import job_config, user_errors
+from tooltune.config import StrictModel, save_config
+from tooltune.models import TinyModelConfig
+from trainers.learner import LearnerConfig
+from trainers.sft import SFTDataConfig, SFTTrainConfig
+
+
+class SFTConfig(StrictModel):
+    model: str = Field("tiny", description="a checkpoint path, 'smollm2', or 'tiny' (built on the training corpus)")
+    tiny: TinyModelConfig = TinyModelConfig()
+    ray: RayConfig = RayConfig()
+    learners: RoleConfig = RoleConfig(num_ranks=1)
+    learner: LearnerConfig = LearnerConfig()
+    data: SFTDataConfig = SFTDataConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+    output_dir: str = "runs/sft"
+    resume: bool = True
+    tensorboard: bool = True
+
+
+def resolve_model(cfg: SFTConfig, corpus: Callable[[], list[str]]) -> str:
+    """A checkpoint path for ``cfg.model``; the tiny model's tokenizer is fit to ``corpus()``."""
+    from tooltune import models
+
+    if cfg.model == "tiny":
+        return str(models.tiny_model(corpus(), cfg.tiny))
+    if cfg.model == "smollm2":
+        return str(models.prepare_smollm2())
+    return cfg.model
+
+
+def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from tooltune.chat import install_tool_template, needs_tool_template
+    from tooltune.models import chat_corpus
+    from tooltune.tracking import MetricsLogger
+    from trainers.group import LearnerGroup
+    from trainers.sft import SFTTrainer, load_sft_conversations, load_text, tokenize_all
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    train_convs, val_convs = load_sft_conversations(cfg.data)
+    texts = load_text(cfg.data.text_files)
+    model_path = resolve_model(cfg, lambda: chat_corpus(train_convs[:2000]) + texts[:2000])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if needs_tool_template(tokenizer):
+        install_tool_template(tokenizer)
+    train = tokenize_all(tokenizer, train_convs, texts, cfg.train.seq_len)
+    validation = tokenize_all(tokenizer, val_convs, [], cfg.train.seq_len)
+
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    with local_ray(cfg.ray):
+        group = LearnerGroup("sft-learners", cfg.learners, cfg.learner.model_copy(update={"model": model_path}))
+        trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
+        history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
+        group.shutdown()
+    logger.close()
+    final = trainer.ckpt.latest()
+    result = {
+        "base_model": model_path,
+        "checkpoint": str(final / "model") if final else None,
+        "steps": trainer.total_steps,
+        "completed_steps": history[-1]["step"] if history else 0,
+        "history": history,
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = job_config(SFTConfig, __doc__.splitlines()[0], argv)
+    with user_errors():
+        result = run_sft(cfg)
+    last = result["history"][-1] if result["history"] else {}
+    print(json.dumps({k: v for k, v in result.items() if k != "history"} | {"last": last}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""A learner group: N ``Learner`` ranks of one model, placed together, driven as one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.placement import RoleConfig, RoleGroup
+from trainers.learner import Learner, LearnerConfig
+
+
+class LearnerGroup:
+    def __init__(self, name: str, role: RoleConfig, cfg: LearnerConfig):
+        import ray
+
+        self.cfg, self.world_size = cfg, role.num_ranks
+        self.placement = RoleGroup(name, role)
+        payload = cfg.model_dump()
+        self.actors = self.placement.spawn(Learner, lambda r: (payload, r, self.world_size))
+        addr, port = ray.get(self.actors[0].master_address.remote())
+        ray.get([a.setup.remote(addr, port) for a in self.actors])
+
+    def all(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` with the same arguments on every rank (collectives need all ranks)."""
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def each(self, method: str, per_rank: list[tuple]) -> list[Any]:
+        """Call ``method`` on rank r with ``per_rank[r]``."""
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank, strict=True)])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.placement.remove()

@@ -1,0 +1,194 @@
+"""Supervised fine-tuning over a learner group: data to rows, steps, validation, checkpoints.
+
+The driver owns the data plan (which rows each rank sees at each step, a pure function of the
+step) and the tokenizer; the ranks own the model and optimizer. Resuming restores the ranks'
+DeepSpeed state and RNG, and the step: the data position follows from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tooltune.chat import tokenize_conversation
+from tooltune.config import StrictModel
+from tooltune.data import load_conversations
+from tooltune.tracking import MetricsLogger
+from tooltune.world import WorldConfig, gold_messages
+from trainers.checkpoint import CheckpointManager
+from trainers.group import LearnerGroup
+from trainers.packing import (
+    Example,
+    collate,
+    global_batch_indices,
+    loss_tokens,
+    pack_examples,
+    rank_micro_batches,
+    steps_per_epoch,
+    truncate,
+)
+
+
+class SFTDataConfig(StrictModel):
+    """Where conversations come from: the generated tool world, user files, or plain text."""
+
+    world: WorldConfig | None = WorldConfig()
+    train_files: list[str] = []
+    validation_files: list[str] = []
+    format: str = "auto"
+    on_error: Literal["skip", "fail"] = "skip"
+    text_files: list[str] = []
+    limit: int | None = Field(None, ge=1)
+
+
+class SFTTrainConfig(StrictModel):
+    seq_len: int = Field(1024, ge=8)
+    pack: bool = False
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    merged: bool = True
+    seed: int = 0
+
+
+Conversation = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def load_sft_conversations(cfg: SFTDataConfig) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, validation) conversations as (messages, tools)."""
+    from tooltune.tools.builtins import builtin_registry
+    from tooltune.world import generate_world
+
+    train: list[Conversation] = []
+    val: list[Conversation] = []
+    if cfg.world is not None:
+        registry = builtin_registry()
+        splits = generate_world(cfg.world)
+        train += [(gold_messages(t, registry), t.tools) for t in splits["train"]]
+        val += [(gold_messages(t, registry), t.tools) for t in splits["validation"]]
+    for files, out in ((cfg.train_files, train), (cfg.validation_files, val)):
+        for path in files:
+            result = load_conversations(path, fmt=cfg.format, on_error=cfg.on_error)
+            out += [(c["messages"], c.get("tools") or []) for c in result.conversations]
+    if cfg.limit:
+        train = train[: cfg.limit]
+    return train, val
+
+
+def load_text(paths: list[str]) -> list[str]:
+    """Plain text for pre-training: ``.txt`` (one document per blank-line block) or JSONL ``text``."""
+    import json
+
+    docs: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.suffix == ".txt":
+            docs += [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            continue
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{i}: row has no string 'text' field")
+                docs.append(row["text"])
+    return docs
+
+
+def tokenize_all(tokenizer, convs: list[Conversation], texts: list[str], seq_len: int) -> list[Example]:
+    """Assistant-only masks for conversations, every token for plain text (ended by EOS)."""
+    rows = [truncate(tokenize_conversation(tokenizer, m, t), seq_len) for m, t in convs]
+    for doc in texts:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(truncate({"input_ids": ids, "loss_mask": [1] * len(ids)}, seq_len))
+    return rows
+
+
+class SFTTrainer:
+    def __init__(
+        self,
+        group: LearnerGroup,
+        tokenizer,
+        train: list[Example],
+        validation: list[Example],
+        cfg: SFTTrainConfig,
+        output_dir: str | Path,
+        logger: MetricsLogger | None = None,
+    ):
+        self.group, self.tok, self.cfg = group, tokenizer, cfg
+        self.train = pack_examples(train, cfg.seq_len) if cfg.pack else train
+        self.validation = validation
+        lc = group.cfg
+        self.micro, self.accum, self.world = lc.micro_batch_size, lc.grad_accum_steps, group.world_size
+        self.global_batch = self.micro * self.accum * self.world
+        self.ckpt = CheckpointManager(Path(output_dir) / "checkpoints", cfg.keep_last)
+        self.logger = logger
+        per_epoch = steps_per_epoch(len(self.train), self.global_batch)
+        self.total_steps = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+
+    # ---- one step -----------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        indices = global_batch_indices(len(self.train), self.global_batch, step, self.cfg.seed)
+        plan = rank_micro_batches(indices, self.world, self.micro, self.accum)
+        tokens = loss_tokens([self.train[i] for i in indices])
+        per_rank = [([collate([self.train[i] for i in mb], self.tok.pad_token_id) for mb in plan[r]], tokens) for r in range(self.world)]
+        stats = self.group.each("train_step", per_rank)
+        return {"train/loss": sum(s["nll_sum"] for s in stats) / max(1, tokens), "train/lr": stats[0]["lr"], "train/tokens": tokens}
+
+    def validate(self) -> dict[str, float]:
+        """Mean NLL over every validation token; rows dealt round-robin to the ranks."""
+        if not self.validation:
+            return {}
+        per_rank = []
+        for r in range(self.world):
+            rows = self.validation[r :: self.world]
+            per_rank.append(([collate(rows[i : i + self.micro], self.tok.pad_token_id) for i in range(0, len(rows), self.micro)],))
+        stats = self.group.each("eval_nll", per_rank)
+        return {"validation/loss": sum(s["nll_sum"] for s in stats) / max(1, sum(s["tokens"] for s in stats))}
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        staging = self.ckpt.staging(step)
+        self.group.all("save_state", str(staging / "state"), {"step": step})
+        self.group.all("save_pretrained", str(staging / "model"), self.cfg.merged)
+        self.tok.save_pretrained(staging / "model")
+        return self.ckpt.commit(step, {"step": step, "total_steps": self.total_steps, "seed": self.cfg.seed})
+
+    def resume(self) -> int:
+        """The next step to run: 0, or one past the latest complete checkpoint."""
+        latest = self.ckpt.latest()
+        if latest is None:
+            return 0
+        states = self.group.all("load_state", str(latest / "state"))
+        return int(states[0]["step"])
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self, resume: bool = True, stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Train to ``total_steps`` (or stop after ``stop_after`` steps, saving, as a crash test)."""
+        from tqdm import tqdm
+
+        start = self.resume() if resume else 0
+        history: list[dict] = []
+        last = min(self.total_steps, stop_after) if stop_after else self.total_steps
+        bar = tqdm(range(start, last), desc="sft", initial=start, total=self.total_steps, disable=None)
+        t0 = time.time()
+        for step in bar:
+            metrics = self.train_step(step)
+            done = step + 1
+            if done % self.cfg.eval_every == 0 or done == self.total_steps:
+                metrics |= self.validate()
+            metrics["time/elapsed_s"] = time.time() - t0
+            history.append({"step": done, **metrics})
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if self.logger:
+                self.logger.log(done, metrics)
+            if on_step:
+                on_step(done, metrics)
+            if done % self.cfg.save_every == 0 or done == last:
+                self.save(done)
+        return history
