@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field
@@ -38,25 +37,14 @@ class SFTConfig(StrictModel):
     tensorboard: bool = True
 
 
-def resolve_model(cfg: SFTConfig, corpus: Callable[[], list[str]]) -> str:
-    """A checkpoint path for ``cfg.model``; the tiny model's tokenizer is fit to ``corpus()``."""
-    from tooltune import models
-
-    if cfg.model == "tiny":
-        return str(models.tiny_model(corpus(), cfg.tiny))
-    if cfg.model == "smollm2":
-        return str(models.prepare_smollm2())
-    return cfg.model
-
-
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from tooltune.chat import install_tool_template, needs_tool_template
-    from tooltune.models import chat_corpus
+    from tooltune.models import chat_corpus, resolve_model
     from tooltune.tracking import MetricsLogger
     from trainers.group import LearnerGroup
-    from trainers.sft import SFTTrainer, load_sft_conversations, load_text, tokenize_all
+    from trainers.sft import SFTTrainer, load_sft_conversations, load_text, planned_steps, tokenize_all, training_rows
 
     t0 = time.time()
     out = Path(cfg.output_dir)
@@ -65,16 +53,21 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
 
     train_convs, val_convs = load_sft_conversations(cfg.data)
     texts = load_text(cfg.data.text_files)
-    model_path = resolve_model(cfg, lambda: chat_corpus(train_convs[:2000]) + texts[:2000])
+    model_path = resolve_model(cfg.model, lambda: chat_corpus(train_convs[:2000]) + texts[:2000], cfg.tiny)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if needs_tool_template(tokenizer):
         install_tool_template(tokenizer)
-    train = tokenize_all(tokenizer, train_convs, texts, cfg.train.seq_len)
-    validation = tokenize_all(tokenizer, val_convs, [], cfg.train.seq_len)
+    loss_on = cfg.data.conversation_loss
+    train = training_rows(tokenize_all(tokenizer, train_convs, texts, cfg.train.seq_len, loss_on), cfg.train)
+    validation = tokenize_all(tokenizer, val_convs, [], cfg.train.seq_len, loss_on)
+    global_batch = cfg.learner.micro_batch_size * cfg.learner.grad_accum_steps * cfg.learners.num_ranks
+    steps = planned_steps(len(train), global_batch, cfg.train)
+    # The learners' LR schedule spans the run unless the config fixes its length.
+    learner = cfg.learner.model_copy(update={"model": model_path, "total_steps": cfg.learner.total_steps or steps})
 
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
     with local_ray(cfg.ray):
-        group = LearnerGroup("sft-learners", cfg.learners, cfg.learner.model_copy(update={"model": model_path}))
+        group = LearnerGroup("sft-learners", cfg.learners, learner)
         trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
         history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
         group.shutdown()

@@ -66,3 +66,30 @@ def test_zero3_two_ranks_trains_and_saves_loadable_checkpoint(tmp_path, text_fil
     model = AutoModelForCausalLM.from_pretrained(result["checkpoint"])
     tok = AutoTokenizer.from_pretrained(result["checkpoint"])
     assert "tools" in tok.chat_template and model.num_parameters() > 0
+
+
+@pytest.mark.slow
+def test_lora_sft_saves_merged_and_adapter_checkpoints(tmp_path, text_file):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.learner import LoraConfig
+
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    cfg = config(tmp_path, text_file, "lora", ranks=1, micro=8, steps=2)
+    cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lora": lora, "lr": 1e-2})})
+    merged = run_sft(cfg)
+    base = AutoModelForCausalLM.from_pretrained(merged["base_model"])
+    tuned = AutoModelForCausalLM.from_pretrained(merged["checkpoint"])
+    # LoRA's B starts at zero: only a real update moves the merged attention weights.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base.state_dict()[q], tuned.state_dict()[q])
+    assert torch.equal(base.state_dict()["model.layers.0.mlp.up_proj.weight"], tuned.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+    adapter_cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "adapter"), "train": cfg.train.model_copy(update={"merged": False})})
+    adapter = run_sft(adapter_cfg)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged["base_model"]), adapter["checkpoint"])
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, tuned(ids).logits, atol=1e-4)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pydantic import Field
@@ -135,6 +135,20 @@ def tiny_model(corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None 
     if not (path / "config.json").exists():
         build_tiny_model(path, corpus, cfg)
     return path
+
+
+def resolve_model(
+    name: str, corpus: Callable[[], list[str]] | None = None, tiny: TinyModelConfig | None = None
+) -> str:
+    """A checkpoint directory for ``name``: a path, ``"smollm2"`` (converted once, cached), or
+    ``"tiny"`` (built from ``tiny``, its tokenizer fit to ``corpus()`` when given)."""
+    if name == "tiny":
+        return str(tiny_model(corpus() if corpus else None, tiny))
+    if name == "smollm2":
+        return str(prepare_smollm2())
+    if not (Path(name) / "config.json").is_file():
+        raise FileNotFoundError(f"model {name!r}: not 'tiny', 'smollm2' or a checkpoint directory with config.json")
+    return name
 
 
 def smollm2_gguf_path() -> Path:

@@ -43,6 +43,9 @@ class SFTDataConfig(StrictModel):
     on_error: Literal["skip", "fail"] = "skip"
     text_files: list[str] = []
     limit: int | None = Field(None, ge=1)
+    # "all" trains on every token of a conversation (pre-training a base that has never seen
+    # the format: far more signal per step, and values repeat across turns, which teaches copying).
+    conversation_loss: Literal["assistant", "all"] = "assistant"
 
 
 class SFTTrainConfig(StrictModel):
@@ -100,13 +103,26 @@ def load_text(paths: list[str]) -> list[str]:
     return docs
 
 
-def tokenize_all(tokenizer, convs: list[Conversation], texts: list[str], seq_len: int) -> list[Example]:
-    """Assistant-only masks for conversations, every token for plain text (ended by EOS)."""
+def tokenize_all(
+    tokenizer, convs: list[Conversation], texts: list[str], seq_len: int, conversation_loss: str = "assistant"
+) -> list[Example]:
+    """Assistant-only (or all-token) masks for conversations, every token for plain text (ended by EOS)."""
     rows = [truncate(tokenize_conversation(tokenizer, m, t), seq_len) for m, t in convs]
+    if conversation_loss == "all":
+        rows = [{"input_ids": r["input_ids"], "loss_mask": [1] * len(r["input_ids"])} for r in rows]
     for doc in texts:
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(truncate({"input_ids": ids, "loss_mask": [1] * len(ids)}, seq_len))
     return rows
+
+
+def training_rows(examples: list[Example], cfg: SFTTrainConfig) -> list[Example]:
+    return pack_examples(examples, cfg.seq_len) if cfg.pack else examples
+
+
+def planned_steps(num_rows: int, global_batch: int, cfg: SFTTrainConfig) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the rows."""
+    return cfg.max_steps or max(1, int(steps_per_epoch(num_rows, global_batch) * cfg.epochs))
 
 
 class SFTTrainer:
@@ -121,15 +137,13 @@ class SFTTrainer:
         logger: MetricsLogger | None = None,
     ):
         self.group, self.tok, self.cfg = group, tokenizer, cfg
-        self.train = pack_examples(train, cfg.seq_len) if cfg.pack else train
-        self.validation = validation
+        self.train, self.validation = train, validation
         lc = group.cfg
         self.micro, self.accum, self.world = lc.micro_batch_size, lc.grad_accum_steps, group.world_size
         self.global_batch = self.micro * self.accum * self.world
         self.ckpt = CheckpointManager(Path(output_dir) / "checkpoints", cfg.keep_last)
         self.logger = logger
-        per_epoch = steps_per_epoch(len(self.train), self.global_batch)
-        self.total_steps = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+        self.total_steps = planned_steps(len(train), self.global_batch, cfg)
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:

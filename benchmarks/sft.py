@@ -1,0 +1,124 @@
+"""SFT benchmark: what the SFT job does to a model's tool calling, and what it costs.
+
+    python -m benchmarks.sft --tier tiny     # tiny Llama from scratch on the tool world
+    python -m benchmarks.sft --tier smol     # LoRA on SmolLM2-135M-Instruct
+
+Each tier trains with its config (``configs/<tier>/sft.yaml``) from scratch, then evaluates the
+final checkpoint with the evaluation job on the held-out test split of the *same* tool world
+(so no test query was seen in training). The smol tier also evaluates the base model first.
+Writes ``benchmarks/results/sft.json`` (one key per tier) and a section of ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine_info, write_result
+from ray_jobs.evaluate import EvalConfig, run_evaluation
+from ray_jobs.sft import SFTConfig, run_sft
+from tooltune.config import ConfigError, load_config
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def evaluate(model: str, sft: SFTConfig, out: Path, limit: int | None, label: str) -> dict[str, Any]:
+    cfg = EvalConfig.model_validate(
+        {
+            "model": model,
+            "label": label,
+            "ray": sft.ray.model_dump(),
+            "world": sft.data.world.model_dump(),
+            "rollout": {"dtype": sft.learner.dtype},
+            "splits": ["test"],
+            "limit": limit,
+            "bfcl": {"limit_per_category": 0},
+            "loop": {"max_turns": 4, "max_new_tokens": 160, "max_total_tokens": 4096, "sampling": {"temperature": 0.0}},
+            "output_dir": str(out),
+        }
+    )
+    return run_evaluation(cfg)["world"]["test"]
+
+
+def needed_tool_subset(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("call_validity", "tool_selection_accuracy", "argument_accuracy", "over_call_rate", "under_call_rate", "final_answer_accuracy")
+    return {k: metrics[k] for k in keys} | {
+        "seen": {k: metrics["seen"][k] for k in keys},
+        "unseen": {k: metrics["unseen"][k] for k in keys},
+    }
+
+
+def finished_run(sft: SFTConfig) -> dict[str, Any] | None:
+    """A completed SFT run of exactly this config, if the output directory holds one."""
+    out = Path(sft.output_dir)
+    try:
+        done = json.loads((out / "result.json").read_text())
+        same = load_config(out / "config.yaml", SFTConfig) == sft
+    except (OSError, ValueError, ConfigError):
+        return None
+    return done if same and done["completed_steps"] == done["steps"] else None
+
+
+def run_tier(tier: str, eval_limit: int | None, reuse: bool) -> dict[str, Any]:
+    sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig)
+    out = Path(sft.output_dir)
+    previous = finished_run(sft) if reuse else None
+    if previous is None:
+        shutil.rmtree(out, ignore_errors=True)
+    result: dict[str, Any] = {"config": f"configs/{tier}/sft.yaml"}
+    if tier == "smol":
+        base = evaluate("smollm2", sft, out / "eval_base", eval_limit, "SmolLM2-135M-Instruct (base)")
+        result["base_call_validity"] = base["call_validity"] or 0.0
+        result["base"] = needed_tool_subset(base)
+    trained = previous or run_sft(sft)
+    after = evaluate(trained["checkpoint"], sft, out / "eval", eval_limit, f"{tier} SFT")
+    seen = after["seen"]
+    result |= {
+        # Held-out needed-tool queries with tools seen in training; unseen tools are reported apart.
+        "exact_call_accuracy": seen["argument_accuracy"],
+        "exact_call_accuracy_unseen_tools": after["unseen"]["argument_accuracy"],
+        "call_validity": after["call_validity"],
+        "over_call_rate": after["over_call_rate"],
+        "wall_seconds": trained["wall_seconds"],
+        "steps": trained["steps"],
+        "final_train_loss": trained["history"][-1]["train/loss"],
+        "final_validation_loss": next((h["validation/loss"] for h in reversed(trained["history"]) if "validation/loss" in h), None),
+        "eval_tasks": after["n_tasks"],
+        "after": needed_tool_subset(after),
+    }
+    return result
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = ["| tier | steps | wall s | base validity | validity | exact calls (seen tools) | exact (unseen) | over-call |", "|---|---|---|---|---|---|---|---|"]
+    for tier in ("tiny", "smol"):
+        r = results.get(tier)
+        if not r:
+            continue
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(
+            f"| {tier} | {r['steps']} | {r['wall_seconds']:.0f} | {fmt(r.get('base_call_validity'))} | {fmt(r['call_validity'])} "
+            f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", choices=["tiny", "smol"], required=True)
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N test tasks")
+    parser.add_argument("--reuse", action="store_true", help="evaluate a finished run of the same config instead of training again")
+    args = parser.parse_args()
+    path = RESULTS / "sft.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[args.tier] = run_tier(args.tier, args.eval_limit, args.reuse)
+    results |= machine_info()
+    write_result("sft", results, summary(results))
+    print(json.dumps(results[args.tier], indent=2))
+
+
+if __name__ == "__main__":
+    main()
