@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,40 @@ def machine_info() -> dict[str, Any]:
     return {"machine": machine, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+class OtherCpuShare:
+    """Context manager: the share of the machine's CPU time that *other* processes used while it
+    was open (0 = this process had the machine to itself, 1 = others kept every core busy).
+    ``value`` stays None where ``/proc/stat`` is missing."""
+
+    def __enter__(self) -> OtherCpuShare:
+        self.value: float | None = None
+        self._start = (_busy_seconds(), _own_seconds(), time.monotonic())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy0, own0, t0 = self._start
+        busy1, wall = _busy_seconds(), time.monotonic() - t0
+        if busy0 is None or busy1 is None or wall <= 0:
+            return
+        others = (busy1 - busy0) - (_own_seconds() - own0)
+        self.value = round(min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1)))), 3)
+
+
+def _busy_seconds() -> float | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    # guest time is already counted in user time
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def write_result(name: str, result: dict[str, Any], summary: str | None = None, root: Path | None = None) -> Path:
     """Write ``results/NAME.json`` and replace the ``NAME`` section of ``RESULTS.md`` with
     ``summary`` (markdown; by default a table of the result's top-level scalars). Returns the
@@ -85,12 +120,14 @@ def write_result(name: str, result: dict[str, Any], summary: str | None = None, 
 
 def _section(name: str, result: dict[str, Any], summary: str | None) -> str:
     if summary is None:
-        rows = [(k, v) for k, v in result.items() if isinstance(v, str | int | float | bool) and k not in ("date", "note")]
+        scalars = (str, int, float, bool)
+        rows = [(k, v) for k, v in result.items() if isinstance(v, scalars) and k not in ("date", "note")]
         summary = "\n".join(["| key | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rows)])
     machine = result.get("machine") or {}
     where = ", ".join(str(machine[k]) for k in ("cpu", "gpu") if machine.get(k))
     cores = f"{machine['usable_cores']} cores" if machine.get("usable_cores") else ""
-    footer = "; ".join(x for x in (where, cores, f"load {machine['load_avg_1_5_15']}" if machine.get("load_avg_1_5_15") else "", str(result.get("date", ""))) if x)  # fmt: skip
+    load = f"load average {machine['load_avg_1_5_15']}" if machine.get("load_avg_1_5_15") else ""
+    footer = "; ".join(x for x in (where, cores, load, str(result.get("date", ""))) if x)
     parts = [f"## {name}", "", summary.strip()]
     if result.get("note"):
         parts += ["", f"Note: {result['note']}"]

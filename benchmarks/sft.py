@@ -3,9 +3,9 @@
     python -m benchmarks.sft --tier tiny     # tiny Llama from scratch on the tool world
     python -m benchmarks.sft --tier smol     # LoRA on SmolLM2-135M-Instruct
 
-Each tier trains with its config (``configs/<tier>/sft.yaml``) from scratch, then evaluates the
-final checkpoint with the evaluation job on the held-out test split of the *same* tool world
-(so no test query was seen in training). The smol tier also evaluates the base model first.
+Each tier trains with its config (``configs/<tier>/sft.yaml``) from scratch, and the SFT job
+then evaluates the final checkpoint on the held-out test split of the *same* tool world (so no
+test query was seen in training). The smol tier also evaluates the base model first, the same way.
 Writes ``benchmarks/results/sft.json`` (one key per tier) and a section of ``RESULTS.md``.
 """
 
@@ -18,29 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, write_result
-from ray_jobs.evaluate import EvalConfig, run_evaluation
-from ray_jobs.sft import SFTConfig, run_sft
+from ray_jobs.evaluate import run_evaluation
+from ray_jobs.sft import SFTConfig, evaluation_config, run_sft
 from tooltune.config import ConfigError, load_config
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def evaluate(model: str, sft: SFTConfig, out: Path, limit: int | None, label: str) -> dict[str, Any]:
-    cfg = EvalConfig.model_validate(
-        {
-            "model": model,
-            "label": label,
-            "ray": sft.ray.model_dump(),
-            "world": sft.data.world.model_dump(),
-            "rollout": {"dtype": sft.learner.dtype},
-            "splits": ["test"],
-            "limit": limit,
-            "bfcl": {"limit_per_category": 0},
-            "loop": {"max_turns": 4, "max_new_tokens": 160, "max_total_tokens": 4096, "sampling": {"temperature": 0.0}},
-            "output_dir": str(out),
-        }
-    )
-    return run_evaluation(cfg)["world"]["test"]
 
 
 def needed_tool_subset(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -64,17 +46,18 @@ def finished_run(sft: SFTConfig) -> dict[str, Any] | None:
 
 def run_tier(tier: str, eval_limit: int | None, reuse: bool) -> dict[str, Any]:
     sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig)
+    sft.evaluation.enabled, sft.evaluation.limit = True, eval_limit
     out = Path(sft.output_dir)
     previous = finished_run(sft) if reuse else None
     if previous is None:
         shutil.rmtree(out, ignore_errors=True)
     result: dict[str, Any] = {"config": f"configs/{tier}/sft.yaml"}
     if tier == "smol":
-        base = evaluate("smollm2", sft, out / "eval_base", eval_limit, "SmolLM2-135M-Instruct (base)")
+        base = run_evaluation(evaluation_config(sft, "smollm2", out / "eval_base", "SmolLM2-135M-Instruct (base)"))["world"]["test"]
         result["base_call_validity"] = base["call_validity"] or 0.0
         result["base"] = needed_tool_subset(base)
     trained = previous or run_sft(sft)
-    after = evaluate(trained["checkpoint"], sft, out / "eval", eval_limit, f"{tier} SFT")
+    after = trained["evaluation"]
     seen = after["seen"]
     result |= {
         # Held-out needed-tool queries with tools seen in training; unseen tools are reported apart.

@@ -3,8 +3,9 @@
     python -m ray_jobs.sft --config configs/tiny/sft.yaml [key=value ...]
 
 Reads like the stage: resolve the model, tokenize the conversations (assistant turns carry the
-loss), start the learner group, train with periodic validation and checkpoints, save the final
-Hugging Face checkpoint (tool-aware chat template included), evaluate it on the tool world.
+loss), start the learner group, train with periodic validation and checkpoints (Hugging Face
+weights with the tool-aware chat template, plus trainer state), then, when
+``evaluation.enabled``, run the evaluation job on the final checkpoint (held-out tool world).
 """
 
 from __future__ import annotations
@@ -18,10 +19,21 @@ from pydantic import Field
 from cluster.local import RayConfig, local_ray
 from cluster.placement import RoleConfig
 from ray_jobs._cli import job_config, user_errors
+from ray_jobs.evaluate import BfclEvalConfig, EvalConfig, WorkerSettings, run_evaluation
+from rollout.agent_loop import LoopConfig
 from tooltune.config import StrictModel, save_config
 from tooltune.models import TinyModelConfig
 from trainers.learner import LearnerConfig
 from trainers.sft import SFTDataConfig, SFTTrainConfig
+
+
+class SFTEvalSettings(StrictModel):
+    """Tool-world evaluation of the final checkpoint, on the test split of the training world."""
+
+    enabled: bool = False
+    limit: int | None = Field(None, ge=1)
+    workers: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
+    loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=4096, sampling={"temperature": 0.0})
 
 
 class SFTConfig(StrictModel):
@@ -32,9 +44,30 @@ class SFTConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     data: SFTDataConfig = SFTDataConfig()
     train: SFTTrainConfig = SFTTrainConfig()
+    evaluation: SFTEvalSettings = SFTEvalSettings()
     output_dir: str = "runs/sft"
     resume: bool = True
     tensorboard: bool = True
+
+
+def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label: str = "") -> EvalConfig:
+    """The evaluation job's config for ``model`` on the held-out test split of ``cfg``'s world
+    (generated with the same config, so no test query was a training query)."""
+    if cfg.data.world is None:
+        raise ValueError("SFT evaluation needs data.world: the test split comes from the training world")
+    return EvalConfig(
+        model=model,
+        label=label,
+        ray=cfg.ray,
+        workers=cfg.evaluation.workers,
+        rollout=WorkerSettings(dtype=cfg.learner.dtype),
+        world=cfg.data.world,
+        splits=["test"],
+        limit=cfg.evaluation.limit,
+        bfcl=BfclEvalConfig(limit_per_category=0),
+        loop=cfg.evaluation.loop,
+        output_dir=str(output_dir),
+    )
 
 
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
@@ -71,15 +104,22 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
         trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
         history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
         group.shutdown()
+        train_seconds = time.time() - t0
+        final = trainer.ckpt.latest()
+        evaluation = None
+        if cfg.evaluation.enabled and final is not None and stop_after is None:
+            eval_cfg = evaluation_config(cfg, str(final / "model"), out / "eval", label=f"SFT {out.name}")
+            evaluation = run_evaluation(eval_cfg)["world"]["test"]
     logger.close()
-    final = trainer.ckpt.latest()
     result = {
         "base_model": model_path,
         "checkpoint": str(final / "model") if final else None,
         "steps": trainer.total_steps,
         "completed_steps": history[-1]["step"] if history else 0,
         "history": history,
-        "wall_seconds": round(time.time() - t0, 1),
+        "wall_seconds": round(train_seconds, 1),  # set-up and training, not the evaluation
+        "evaluation": evaluation,
+        "evaluation_seconds": round(time.time() - t0 - train_seconds, 1) if evaluation else None,
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result

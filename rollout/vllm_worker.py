@@ -59,7 +59,10 @@ class RolloutWorker:
             kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_gib * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = self.cfg.enable_sleep_mode
+        if self.cfg.enable_sleep_mode:
+            if _on_cpu():
+                raise ValueError("rollout.enable_sleep_mode needs a GPU: vLLM's CPU platform has no sleep mode")
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(
             model=self.cfg.model,
             dtype=self.cfg.dtype,
@@ -115,6 +118,15 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self.policy_version, self.weights_checksum = version, checksum
         return checksum
+
+    def sleep(self) -> None:
+        """Free the weights' and KV cache's memory while learners colocated on the GPU train
+        (``enable_sleep_mode``; untested here, no GPU); ``update_weights`` after ``wake_up``
+        brings the new policy."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def version(self) -> tuple[int, str | None]:
         return self.policy_version, self.weights_checksum

@@ -27,3 +27,16 @@ def test_write_result_writes_json_and_replaces_only_its_section(tmp_path):
     # The other section is untouched, and keeps its place after the replaced one.
     assert md2[md2.index("## sft") :] == md[md.index("## sft") :]
     assert md2.index("## rollout") < md2.index("## sft")
+
+
+def test_other_cpu_share_is_a_fraction():
+    import time
+
+    from benchmarks.common import OtherCpuShare
+
+    with OtherCpuShare() as others:
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+    # This process's own busy loop is not counted as "others".
+    assert others.value is None or 0.0 <= others.value <= 1.0

@@ -1,0 +1,232 @@
+"""Rollout workers: vLLM and the transformers fallback give the same outputs, and a weight sync
+is verified (checksum and version) before a worker claims to serve it.
+
+The vLLM worker runs in a Ray actor, as in the jobs: an in-process CPU engine pins the test
+process's torch threads for good (``torch.set_num_threads`` becomes a no-op after it binds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.hf_worker import HFRolloutWorker
+from tooltune.weights import tensor_checksum
+
+TEXTS = [
+    "<|im_start|>user\nWhat is the weather in Paris on 2026-03-14?<|im_end|>\n<|im_start|>assistant\n",
+    "Hello! How",
+    "Convert 10 km to miles. What is the capital of France? It is",
+]
+TOL = 1e-3
+# One torch thread: a tiny model gains nothing from more, and on a machine shared with other jobs
+# OpenMP threads that wait on each other make it tens of times slower.
+HF = {"num_threads": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_torch_threads():
+    """The HF worker sets the process's torch threads; later test modules get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+
+
+class Remote:
+    """An actor whose methods are called like the plain object's (each call waits for its result)."""
+
+    def __init__(self, cls: type, *args):
+        import ray
+
+        self.actor = ray.remote(cls).remote(*args)
+
+    def __getattr__(self, name: str):
+        import ray
+
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args))
+
+    def close(self) -> None:
+        import ray
+
+        ray.get(self.actor.shutdown.remote())
+        ray.kill(self.actor)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from cluster.local import RayConfig, local_ray
+
+    with local_ray(RayConfig(object_store_gib=0.5)):
+        yield
+
+
+@pytest.fixture
+def vllm_worker(ray_local, tiny_model_dir):
+    from rollout.vllm_worker import RolloutWorker
+
+    worker = Remote(RolloutWorker, {"model": tiny_model_dir})
+    yield worker
+    worker.close()
+
+
+def perturbed(model_dir: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """Weights as a learner sends them (checkpoint names, the tied LM head left out) and the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert model.config.tie_word_embeddings
+    state.pop("lm_head.weight")
+    return state, model
+
+
+def blob_of(state: dict[str, torch.Tensor]) -> tuple[bytes, str]:
+    from safetensors.torch import save
+
+    return save(state), tensor_checksum(state)
+
+
+@torch.no_grad()
+def forward_logprobs(model, seq: list[int]) -> list[float]:
+    ids = torch.tensor([seq])
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+# ---- vLLM and HF agree ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_vllm_and_hf_workers_agree(vllm_worker, tiny_model_dir, prompts):
+    # Two sequences per batch: prompts of different lengths meet under left padding.
+    hf = HFRolloutWorker({"model": tiny_model_dir, "max_batch_sequences": 2, **HF})
+    greedy = {"temperature": 0, "max_tokens": 24}
+    ref = vllm_worker.generate(prompts, greedy)
+    text0, tokens2 = ref[0].samples[0].text, ref[2].samples[0].token_ids
+    cases = [
+        greedy,
+        {**greedy, "stop": ["\x00never", text0[3:6]]},
+        {**greedy, "stop_token_ids": [tokens2[4]]},
+        {**greedy, "stop_token_ids": [tokens2[4]], "include_stop_str_in_output": True},
+    ]
+    for sampling in cases:
+        from_vllm = vllm_worker.generate(prompts, sampling)
+        for v, h in zip(from_vllm, hf.generate(prompts, sampling)):
+            (a,), (b,) = v.samples, h.samples
+            assert a.token_ids == b.token_ids, sampling
+            assert (a.text, a.finish_reason, a.stop_reason) == (b.text, b.finish_reason, b.stop_reason), sampling
+            assert len(a.logprobs) == len(a.token_ids) and max_diff(a.logprobs, b.logprobs) < TOL
+        if sampling is not greedy:
+            assert any(r.samples[0].finish_reason == "stop" for r in from_vllm)
+
+    # Sampled: both report log-probs of the raw model distribution, whatever temperature and top-p.
+    sampling = {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5}
+    for worker in (vllm_worker, hf):
+        out = worker.generate(prompts, sampling)
+        seqs = [r.prompt_token_ids + s.token_ids for r in out for s in r.samples]
+        lps = [s.logprobs for r in out for s in r.samples]
+        for seq, lp, scored in zip(seqs, lps, hf.score(seqs)):
+            assert max_diff(lp, scored[-len(lp) :]) < TOL
+    assert max_diff(vllm_worker.score(seqs)[0], hf.score(seqs)[0]) < TOL
+
+
+# ---- weight sync into vLLM ------------------------------------------------------------------
+@pytest.mark.slow
+def test_vllm_weight_update_serves_new_weights_and_refuses_bad_syncs(vllm_worker, tiny_model_dir, prompts):
+    state, model = perturbed(tiny_model_dir, seed=1)
+    blob, checksum = blob_of(state)
+    seq = prompts[0] + prompts[2]
+    expected = forward_logprobs(model, seq)
+
+    before = vllm_worker.score([seq])[0]
+    assert vllm_worker.update_weights(blob, 1, checksum) == checksum
+    after = vllm_worker.score([seq])[0]
+    assert max_diff(after, expected) < TOL
+    assert max_diff(before, after) > 10 * TOL
+    assert vllm_worker.version() == (1, checksum)
+
+    other, _ = blob_of(perturbed(tiny_model_dir, seed=2)[0])
+    with pytest.raises(RuntimeError, match="checksum"):
+        vllm_worker.update_weights(other, 2, checksum)
+    assert vllm_worker.version() == (1, checksum)
+    with pytest.raises(ValueError, match="not newer"):
+        vllm_worker.update_weights(blob, 1, checksum)
+    assert vllm_worker.version() == (1, checksum)
+
+
+# ---- the HF worker alone (fast) -------------------------------------------------------------
+def test_hf_weight_update_is_checked_before_loading(tiny_model_dir, prompts):
+    worker = HFRolloutWorker({"model": tiny_model_dir, **HF})
+    state, model = perturbed(tiny_model_dir, seed=1)
+    blob, checksum = blob_of(state)
+    seq = prompts[0] + prompts[1]
+    before = worker.score([seq])[0]
+
+    assert worker.update_weights(blob, 1, checksum) == checksum
+    after = worker.score([seq])[0]
+    assert max_diff(after, forward_logprobs(model, seq)) < 1e-5
+    assert max_diff(before, after) > 10 * TOL
+    assert worker.version() == (1, checksum)
+
+    other, _ = blob_of(perturbed(tiny_model_dir, seed=2)[0])
+    with pytest.raises(RuntimeError, match="checksum"):
+        worker.update_weights(other, 2, checksum)
+    with pytest.raises(ValueError, match="not newer"):
+        worker.update_weights(blob, 1, checksum)
+    stray, stray_sum = blob_of({**state, "model.extra.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="model.extra.weight"):
+        worker.update_weights(stray, 3, stray_sum)
+    # None of the refused syncs touched the weights or the version.
+    assert worker.version() == (1, checksum)
+    assert worker.score([seq])[0] == after
+    worker.shutdown()
+
+
+def test_hf_generate_follows_sampling_params(tiny_model_dir, prompts, tokenizer):
+    hf_worker = HFRolloutWorker({"model": tiny_model_dir, "max_batch_sequences": 4, **HF})
+    sampling = {"n": 3, "temperature": 1.0, "max_tokens": 10, "seed": 7, "ignore_eos": True}
+    out = hf_worker.generate(prompts, sampling)
+    assert [r.prompt_token_ids for r in out] == prompts
+    for r in out:
+        assert len(r.samples) == 3
+        for s in r.samples:
+            assert len(s.token_ids) == len(s.logprobs) == 10 and s.finish_reason == "length"
+            assert all(lp <= 0 for lp in s.logprobs)
+    same = hf_worker.generate(prompts, sampling)
+    assert [s.token_ids for r in same for s in r.samples] == [s.token_ids for r in out for s in r.samples]
+    other = hf_worker.generate(prompts, {**sampling, "seed": 8})
+    assert [s.token_ids for r in other for s in r.samples] != [s.token_ids for r in out for s in r.samples]
+
+    # A row stops at its own stop token; its batch-mates carry on to max_tokens.
+    tokens = out[0].samples[0].token_ids
+    stop_id = tokens[2]
+    end = tokens.index(stop_id) + 1
+    stopped = hf_worker.generate(prompts, {**sampling, "stop_token_ids": [stop_id]})
+    s = stopped[0].samples[0]
+    assert (s.token_ids, s.finish_reason, s.stop_reason) == (tokens[:end], "stop", stop_id)
+    assert any(len(s.token_ids) == 10 for r in stopped for s in r.samples)
+    assert s.text == tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
+
+    with pytest.raises(ValueError, match="best_of"):
+        hf_worker.generate(prompts, {"best_of": 2})
+    hf_worker.shutdown()
