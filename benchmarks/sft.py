@@ -76,7 +76,10 @@ def run_tier(tier: str, eval_limit: int | None, reuse: bool) -> dict[str, Any]:
 
 
 def summary(results: dict[str, Any]) -> str:
-    lines = ["| tier | steps | wall s | base validity | validity | exact calls (seen tools) | exact (unseen) | over-call |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tier | steps | train wall s | base validity | validity (all) | validity (seen tools) | exact calls (seen tools) | exact (unseen tools) | over-call |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for tier in ("tiny", "smol"):
         r = results.get(tier)
         if not r:
@@ -84,6 +87,7 @@ def summary(results: dict[str, Any]) -> str:
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(
             f"| {tier} | {r['steps']} | {r['wall_seconds']:.0f} | {fmt(r.get('base_call_validity'))} | {fmt(r['call_validity'])} "
+            f"| {fmt(r['after']['seen']['call_validity'])} "
             f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} |"
         )
     return "\n".join(lines)
@@ -95,9 +99,11 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N test tasks")
     parser.add_argument("--reuse", action="store_true", help="evaluate a finished run of the same config instead of training again")
     args = parser.parse_args()
+    tier = run_tier(args.tier, args.eval_limit, args.reuse)
+    # Read after the run: the other tier may have finished in the meantime.
     path = RESULTS / "sft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[args.tier] = run_tier(args.tier, args.eval_limit, args.reuse)
+    results[args.tier] = tier
     results |= machine_info()
     write_result("sft", results, summary(results))
     print(json.dumps(results[args.tier], indent=2))
