@@ -35,13 +35,17 @@ class HFRolloutConfig(StrictModel):
     model: str
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     seed: int = 0
-    # Sequences (prompts x n) per ``generate`` call: larger batches amortise the weight reads.
-    max_batch_sequences: int = Field(64, ge=1)
+    # Sequences (prompts x n) per ``generate`` call. On CPU, with tool prompts of ~600 tokens, 8 was
+    # faster than 4, 16, 32 or 128 (attention over the padded cache dominates); a GPU wants more.
+    max_batch_sequences: int = Field(8, ge=1)
     # ``score`` computes full-vocabulary logits: at most this many positions per forward.
     score_tokens: int = Field(4096, ge=1)
     # Torch threads; None uses every core this process may run on (Ray actors default to one).
     num_threads: int | None = Field(None, ge=1)
     device: str = "auto"
+    # "auto": eager on CPU, where sdpa's kernel is slow for one query token against a long padded
+    # cache (it decoded at half the speed in benchmarks/rollout.py), sdpa elsewhere.
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
 
 
 class HFRolloutWorker:
@@ -59,7 +63,11 @@ class HFRolloutWorker:
             self.device = torch.device(self.cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
         dtype = "auto" if self.cfg.dtype == "auto" else getattr(torch, self.cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype).to(self.device).eval()
+        attn = self.cfg.attn_implementation
+        if attn == "auto":
+            attn = "eager" if self.device.type == "cpu" else "sdpa"
+        self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
+        self.model = self.model.to(self.device).eval()
         # vLLM stops on the tokenizer's EOS (stop_reason None) and on the checkpoint's other
         # generation EOS ids (stop_reason = the id); so does this worker, and it does all the
         # stopping itself: the model's own generation defaults must not add any.
@@ -77,33 +85,36 @@ class HFRolloutWorker:
         if unknown:
             raise ValueError(f"HFRolloutWorker does not support sampling keys {sorted(unknown)}")
         n = sampling.get("n", 1)
-        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-        # Similar lengths share a batch: less left padding to compute over.
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]), reverse=True)
-        out: dict[int, Generation] = {}
+        # Similar lengths share a batch (less left padding to compute over); a prompt's n samples
+        # always share one, so its prompt is run once.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        per_batch = max(1, self.cfg.max_batch_sequences // n)
+        results = [PromptResult(prompt_token_ids=list(p)) for p in prompts]
         seed = sampling.get("seed")
         # A seeded call replays its own stream and leaves the worker's stream where it was.
         fork = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         with fork if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
-            step = self.cfg.max_batch_sequences
-            for start in range(0, len(order), step):
-                chunk = order[start : start + step]
-                for r, gen in zip(chunk, self._generate_batch([rows[r][1] for r in chunk], sampling)):
-                    out[r] = gen
-        results = [PromptResult(prompt_token_ids=list(p)) for p in prompts]
-        for r, (i, _) in enumerate(rows):
-            results[i].samples.append(out[r])
+            for start in range(0, len(order), per_batch):
+                chunk = order[start : start + per_batch]
+                gens = self._generate_batch([prompts[i] for i in chunk], n, sampling)
+                for k, i in enumerate(chunk):
+                    results[i].samples = gens[k * n : (k + 1) * n]
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: dict[str, Any]) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], n: int, sampling: dict[str, Any]) -> list[Generation]:
+        """``n`` samples of each prompt, in prompt order."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        ids, mask = self._left_pad(prompts)
+        # All but the last prompt token go through the model once, not n times: generate then
+        # continues every sample from a copy of that cache.
+        cache = self._prefill(ids[:, :-1], mask[:, :-1], n) if n > 1 and ids.shape[1] > 1 else None
+        ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         stop = sampling.get("stop") or []
         ignore_eos = sampling.get("ignore_eos", False)
         keep_stop = sampling.get("include_stop_str_in_output", False)
-        ids, mask = self._left_pad(prompts)
         start = ids.shape[1]
         recorder = _SampledLogprobs()
         finish = _Finish(
@@ -116,13 +127,14 @@ class HFRolloutWorker:
         seqs = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
+            past_key_values=cache,
             generation_config=self._generation_config(sampling),
             logits_processor=LogitsProcessorList([recorder]),
             stopping_criteria=StoppingCriteriaList([finish]),
         )
         logprobs = recorder.result(seqs)
         gens = []
-        for row in range(len(prompts)):
+        for row in range(ids.shape[0]):
             length, reason, stop_reason = finish.ended.get(row, (seqs.shape[1] - start, "length", None))
             tokens = seqs[row, start : start + length].tolist()
             # Like vLLM: the text leaves out the stop token or stop string unless asked to keep it.
@@ -133,6 +145,17 @@ class HFRolloutWorker:
                 text = text[: text.find(stop_reason) + (len(stop_reason) if keep_stop else 0)]
             gens.append(Generation(tokens, logprobs[row, :length].tolist(), text, reason, stop_reason))
         return gens
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
+        """The KV cache of left-padded ``ids``, each row repeated ``n`` times. Positions are counted
+        from each row's first real token, as ``generate`` counts them."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _generation_config(self, sampling: dict[str, Any]):
         from transformers import GenerationConfig

@@ -230,3 +230,18 @@ def test_hf_generate_follows_sampling_params(tiny_model_dir, prompts, tokenizer)
     with pytest.raises(ValueError, match="best_of"):
         hf_worker.generate(prompts, {"best_of": 2})
     hf_worker.shutdown()
+
+
+def test_hf_samples_continue_one_shared_prompt_pass_exactly(tiny_model_dir, prompts):
+    """n > 1 runs each prompt once and copies its cache: greedy samples must equal the n = 1 run,
+    with a one-token prompt (all padding before its last token) in the same batch."""
+    worker = HFRolloutWorker({"model": tiny_model_dir, **HF})
+    batch = [*prompts, prompts[1][:1]]
+    single = worker.generate(batch, {"temperature": 0, "max_tokens": 12})
+    shared = worker.generate(batch, {"temperature": 0, "max_tokens": 12, "n": 3})
+    for one, many in zip(single, shared):
+        (ref,) = one.samples
+        assert len(many.samples) == 3
+        for s in many.samples:
+            assert s.token_ids == ref.token_ids and max_diff(s.logprobs, ref.logprobs) < 1e-5
+    worker.shutdown()
