@@ -112,7 +112,7 @@ class RolloutWorker:
         """Load full weights; refuse silently-wrong syncs: the received checksum must match."""
         if version <= self.policy_version:
             raise ValueError(f"policy version {version} is not newer than loaded version {self.policy_version}")
-        got = self.llm.collective_rpc("load_weights_blob", args=(blob,))
+        got = self.llm.collective_rpc("load_weights_blob", args=(blob, checksum))
         if any(g != checksum for g in got):
             raise RuntimeError(f"weight sync to version {version} failed: checksum {got[0][:12]} != expected {checksum[:12]}")
         self.llm.reset_prefix_cache()

@@ -10,16 +10,19 @@ from __future__ import annotations
 class WeightSyncExtension:
     """Mixed into vLLM's worker class: ``self`` is the worker."""
 
-    def load_weights_blob(self, blob: bytes) -> str:
-        """Load full weights in checkpoint names; return the checksum of what was received."""
+    def load_weights_blob(self, blob: bytes, expected_checksum: str) -> str:
+        """Load full weights in checkpoint names, only if they are the ones expected: the checksum
+        is compared before the engine is touched. Returns the checksum of what was received."""
         from safetensors.torch import load
 
         from tooltune.weights import tensor_checksum
 
         state = load(blob)
-        self.reload_weights(weights_iterator=iter(state.items()))
-        self._refresh_tied_lm_head()
-        return tensor_checksum(state)
+        got = tensor_checksum(state)
+        if got == expected_checksum:
+            self.reload_weights(weights_iterator=iter(state.items()))
+            self._refresh_tied_lm_head()
+        return got
 
     def _refresh_tied_lm_head(self) -> None:
         # A tied LM head receives no weights of its own, so the in-place reload restores its old
