@@ -28,7 +28,7 @@ from tooltune.bfcl import BFCL_CATEGORIES, BfclItem, BfclScore, score_bfcl
 from tooltune.config import StrictModel
 from tooltune.episode import Episode, FailureReason, Task
 from tooltune.models import resolve_model
-from tooltune.world import SPLITS, WorldConfig
+from tooltune.world import SPLITS, WorldConfig, world_registry
 
 
 class WorkerSettings(RolloutConfig):
@@ -88,7 +88,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             # Tool world: all splits in one batch, each turn's prompts spread over the workers.
             t = time.time()
             tasks = [task for split in world.values() for task in split]
-            trajectories = dict(zip((task.id for task in tasks), run_episodes(tasks, workers, tokenizer, cfg.loop)))
+            registry = world_registry(cfg.world)
+            trajectories = dict(zip((task.id for task in tasks), run_episodes(tasks, workers, tokenizer, cfg.loop, registry)))
             timing["world_s"] = time.time() - t
 
             # BFCL is single-turn: the first turn's calls are the answer.

@@ -32,6 +32,11 @@ class SFTEvalSettings(StrictModel):
 
     enabled: bool = False
     limit: int | None = Field(None, ge=1)
+    # During training: every N steps (and at the end), the tool loop on the first
+    # ``during_training_limit`` validation tasks, run by learner rank 0 on the weights it holds
+    # (transformers generate; ZeRO 0-2). Logged as tool_eval/<metric>.
+    during_training_every: int | None = Field(None, ge=1)
+    during_training_limit: int = Field(50, ge=1)
     workers: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
     loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=4096, sampling={"temperature": 0.0})
 
@@ -70,6 +75,22 @@ def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label:
     )
 
 
+def periodic_tool_eval(cfg: SFTConfig, group, tokenizer) -> tuple:
+    """(callable, every) for ``SFTTrainer``: the validation split's tool loop on learner rank 0."""
+    every = cfg.evaluation.during_training_every
+    if not every:
+        return None, None
+    if cfg.data.world is None:
+        raise ValueError("evaluation.during_training_every needs data.world: its validation split is what is evaluated")
+    if cfg.learner.zero_stage == 3:
+        raise ValueError("evaluation.during_training_every needs learner.zero_stage 0-2 (ZeRO-3 shards the weights)")
+    from tooltune.world import generate_world
+
+    tasks = generate_world(cfg.data.world)["validation"][: cfg.evaluation.during_training_limit]
+    loop, world = cfg.evaluation.loop.model_dump(), cfg.data.world.model_dump()
+    return (lambda: group.first("evaluate_tools", tasks, tokenizer, loop, world)), every
+
+
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -101,7 +122,9 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
     with local_ray(cfg.ray):
         group = LearnerGroup("sft-learners", cfg.learners, learner)
-        trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
+        trainer = SFTTrainer(
+            group, tokenizer, train, validation, cfg.train, out, logger, *periodic_tool_eval(cfg, group, tokenizer)
+        )
         history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
         group.shutdown()
         train_seconds = time.time() - t0

@@ -50,7 +50,7 @@ class HFRolloutConfig(StrictModel):
 
 class HFRolloutWorker:
     def __init__(self, cfg: HFRolloutConfig | dict):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg if isinstance(cfg, HFRolloutConfig) else HFRolloutConfig.model_validate(cfg)
         self.policy_version = 0
@@ -68,6 +68,22 @@ class HFRolloutWorker:
             attn = "eager" if self.device.type == "cpu" else "sdpa"
         self.model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
         self.model = self.model.to(self.device).eval()
+        self._stopping()
+
+    @classmethod
+    def around(cls, model: Any, tokenizer: Any, **cfg: Any) -> HFRolloutWorker:
+        """A worker over a model already in memory, not a copy (a learner's model, evaluated
+        during training). The caller owns train/eval mode; the model's generation config is
+        swapped only while it generates, so a checkpoint saved later keeps its own."""
+        self = cls.__new__(cls)
+        self.cfg = HFRolloutConfig(model="<in memory>", **cfg)
+        self.policy_version, self.weights_checksum = 0, None
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self._stopping()
+        return self
+
+    def _stopping(self) -> None:
         # vLLM stops on the tokenizer's EOS (stop_reason None) and on the checkpoint's other
         # generation EOS ids (stop_reason = the id); so does this worker, and it does all the
         # stopping itself: the model's own generation defaults must not add any.
@@ -75,7 +91,6 @@ class HFRolloutWorker:
         self.eos_id = self.tokenizer.eos_token_id
         self.extra_eos_ids = ({gen_eos} if isinstance(gen_eos, int) else set(gen_eos or ())) - {self.eos_id}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
 
     # ---- generation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -124,14 +139,15 @@ class HFRolloutWorker:
             stop_ids=set(sampling.get("stop_token_ids") or ()) | (set() if ignore_eos else self.extra_eos_ids),
             stop=[stop] if isinstance(stop, str) else list(stop),
         )
-        seqs = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            generation_config=self._generation_config(sampling),
-            logits_processor=LogitsProcessorList([recorder]),
-            stopping_criteria=StoppingCriteriaList([finish]),
-        )
+        with self._own_generation_defaults():
+            seqs = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                generation_config=self._generation_config(sampling),
+                logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([finish]),
+            )
         logprobs = recorder.result(seqs)
         gens = []
         for row in range(ids.shape[0]):
@@ -145,6 +161,20 @@ class HFRolloutWorker:
                 text = text[: text.find(stop_reason) + (len(stop_reason) if keep_stop else 0)]
             gens.append(Generation(tokens, logprobs[row, :length].tolist(), text, reason, stop_reason))
         return gens
+
+    @contextlib.contextmanager
+    def _own_generation_defaults(self):
+        """``generate`` fills unset options from the model's generation config: make it empty."""
+        from transformers import GenerationConfig
+
+        # A peft model generates through its base model, whose config is the one read.
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        saved = model.generation_config
+        model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
+        try:
+            yield
+        finally:
+            model.generation_config = saved
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
         """The KV cache of left-padded ``ids``, each row repeated ``n`` times. Positions are counted

@@ -50,3 +50,24 @@ def test_prepare_smollm2_offline(tmp_path, monkeypatch):
     tool = {"type": "function", "function": {"name": "lookup_fact", "description": "x", "parameters": {"type": "object", "properties": {}}}}
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool], tokenize=False)
     assert "lookup_fact" in rendered
+
+
+def test_split_spaces_makes_a_value_the_same_tokens_in_a_question_and_in_json():
+    from tooltune.models import build_tiny_tokenizer
+
+    corpus = ['Weather in New York on 2027-08-15? {"city": "New York", "date": "2027-08-15"}'] * 10
+    query, call = "in New York on 2027-08-15?", '{"city": "New York", "date": "2027-08-15"}'
+
+    def holds(seq, run):
+        return any(seq[i : i + len(run)] == run for i in range(len(seq)))
+
+    split = build_tiny_tokenizer(corpus, 320, split_spaces=True)
+    q, c = split(query)["input_ids"], split(call)["input_ids"]
+    assert split.decode(q) == query and split.decode(c) == call
+    for value in ("New York", "2027-08-15"):
+        run = split(value)["input_ids"]
+        assert holds(q, run) and holds(c, run)
+    # Without the split a value after a space is another token than the same value after a quote.
+    plain = build_tiny_tokenizer(corpus, 320, split_spaces=False)
+    assert not holds(plain(call)["input_ids"], plain(" New")["input_ids"])
+    assert plain.decode(plain(query)["input_ids"]) == query

@@ -93,3 +93,41 @@ def test_lora_sft_saves_merged_and_adapter_checkpoints(tmp_path, text_file):
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     with torch.no_grad():
         assert torch.allclose(with_adapter(ids).logits, tuned(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tool_world_evaluation_during_training_scores_the_weights_of_that_step(tmp_path):
+    from rollout.agent_loop import run_episodes
+    from rollout.hf_worker import HFRolloutWorker
+    from tooltune.metrics import compute_metrics
+    from tooltune.world import generate_world
+
+    world = {"seed": 1, "n_train": 32, "n_validation": 6, "n_test": 0, "distractor_tools": 0}
+    loop = {"max_turns": 2, "max_new_tokens": 24, "sampling": {"temperature": 0.0}}
+    cfg = SFTConfig.model_validate(
+        {
+            "model": "tiny",
+            "learners": {"num_ranks": 1, "cpus": 1},
+            "learner": {"zero_stage": 2, "lr": 3e-3, "micro_batch_size": 4},
+            "data": {"world": world, "conversation_loss": "all"},
+            "train": {"seq_len": 512, "max_steps": 2, "eval_every": 100, "save_every": 1, "keep_last": 2},
+            "evaluation": {"during_training_every": 1, "during_training_limit": 4, "loop": loop},
+            "output_dir": str(tmp_path / "periodic"),
+            "tensorboard": False,
+        }
+    )
+    result = run_sft(cfg)
+    logged = [{k[len("tool_eval/") :]: v for k, v in h.items() if k.startswith("tool_eval/")} for h in result["history"]]
+    assert [bool(m) for m in logged] == [True, True]
+    assert logged[-1]["tokens_per_query"] > 0
+    # The same tasks, loop and greedy decoding on the checkpoint saved at that step: same episodes.
+    tasks = generate_world(cfg.data.world)["validation"][:4]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(result["checkpoint"])
+    for step, metrics in zip((1, 2), logged):
+        ckpt = tmp_path / "periodic" / "checkpoints" / f"step-{step:06d}" / "model"
+        worker = HFRolloutWorker({"model": str(ckpt), "attn_implementation": "sdpa"})
+        runs = run_episodes(tasks, worker, tok, cfg.evaluation.loop)
+        offline = compute_metrics(tasks, [r.episode for r in runs])
+        assert {k: v for k, v in offline.items() if k in metrics} == pytest.approx(metrics)
+        # Generating on the learner's model left the generation config it saves alone.
+        assert __import__("transformers").GenerationConfig.from_pretrained(ckpt).eos_token_id == tok.eos_token_id

@@ -240,3 +240,18 @@ def test_stock_price_is_deterministic():
     price = json.loads(REGISTRY.execute(ToolCall("get_stock_price", {"symbol": "ACME"})).content)
     assert price == json.loads(REGISTRY.execute(ToolCall("get_stock_price", {"symbol": "ACME"})).content)
     assert 10 <= price["price_usd"] <= 500
+
+
+def test_add_registers_a_schema_defined_tool_and_checks_it():
+    from tooltune.schema import ToolSchemaError
+    from tooltune.tools import ToolRegistry
+
+    registry = ToolRegistry()
+    params = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    registry.add("double", "Double a number.", params, lambda n: {"value": 2 * n})
+    assert registry.execute(ToolCall("double", {"n": 21})).content == '{"value": 42}'
+    assert "invalid arguments" in registry.execute(ToolCall("double", {"n": "x"})).error
+    with pytest.raises(ValueError, match="already registered"):
+        registry.add("double", "Again.", params, lambda n: n)
+    with pytest.raises(ToolSchemaError, match="description"):
+        registry.add("blank", "", params, lambda n: n)

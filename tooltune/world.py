@@ -22,6 +22,7 @@ from tooltune.episode import Task, ToolCall
 from tooltune.tools import ToolRegistry
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
 from tooltune.world_queries import ANSWER_TEMPLATE, GENERATORS, SMALL_TALK, SMALL_TALK_DEFAULT_REPLY, Run, _Draft
+from tooltune.world_synthetic import SyntheticTool, add_synthetic_tools, synthetic_call, synthetic_tools
 
 SPLITS = ("train", "validation", "test")
 CATEGORIES = ("single", "parallel", "multi_step", "no_tool")
@@ -41,6 +42,10 @@ class WorldConfig(StrictModel):
     multi_step_share: float = Field(0.25, ge=0, le=1)
     distractor_tools: NonNegativeInt = 2
     unseen_test_fraction: float = Field(0.1, ge=0, le=1)
+    # Procedurally generated tools (train and validation only; see world_synthetic): this many
+    # tools, called by this share of the needed-tool tasks; they are distractors there too.
+    synthetic_tools: NonNegativeInt = 0
+    synthetic_share: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> WorldConfig:
@@ -49,24 +54,42 @@ class WorldConfig(StrictModel):
             raise ValueError(f"single_share + parallel_share + multi_step_share must be 1, got {shares:g}")
         if self.eval_no_tool_fraction + self.unseen_test_fraction > 1:
             raise ValueError("eval_no_tool_fraction + unseen_test_fraction must be at most 1")
+        if self.synthetic_share > 0 and not self.synthetic_tools:
+            raise ValueError("synthetic_share > 0 needs synthetic_tools > 0")
         return self
 
 
 _MAX_DRAWS = 200
 
 
+def world_synthetic_tools(cfg: WorldConfig) -> list[SyntheticTool]:
+    return synthetic_tools(cfg.synthetic_tools, cfg.seed)
+
+
+def world_registry(cfg: WorldConfig | None = None) -> ToolRegistry:
+    """Every tool a world of ``cfg`` can call: the built-ins and its generated tools."""
+    registry = builtin_registry()
+    return add_synthetic_tools(registry, world_synthetic_tools(cfg)) if cfg and cfg.synthetic_tools else registry
+
+
 def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
     """Train, validation and test tasks; no query text appears twice in the whole world."""
     rng = random.Random(cfg.seed)
-    registry = builtin_registry()
+    synthetic = world_synthetic_tools(cfg) if cfg.synthetic_tools else []
+    registry = world_registry(cfg)
     run = _ground_truth_runner(registry)
     seen_queries: set[str] = set()
     world = {}
     for split, size in zip(SPLITS, (cfg.n_train, cfg.n_validation, cfg.n_test)):
         tasks = []
+        # The test split is the fixed benchmark: built-in tools only, generated ones are for learning.
+        exclude = {t.name for t in synthetic} if split == "test" else set()
         for index, kind in enumerate(_plan(split, size, cfg, rng)):
-            draft = _draw(kind, rng, run, seen_queries)
-            tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg))
+            if kind == "synthetic":
+                draft = _draw_synthetic(rng, synthetic, run, seen_queries)
+            else:
+                draft = _draw(kind, rng, run, seen_queries)
+            tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude))
         world[split] = tasks
     return world
 
@@ -76,12 +99,14 @@ def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[s
     no_tool = round(size * (cfg.no_tool_fraction if split == "train" else cfg.eval_no_tool_fraction))
     unseen = min(round(size * cfg.unseen_test_fraction), size - no_tool) if split == "test" else 0
     rest = size - no_tool - unseen
+    synthetic = round(rest * cfg.synthetic_share) if split != "test" and cfg.synthetic_tools else 0
+    rest -= synthetic
     shares = {"single": cfg.single_share, "parallel": cfg.parallel_share, "multi_step": cfg.multi_step_share}
     counts = {k: int(rest * s) for k, s in shares.items()}
     # Largest remainder: the counts add up to `rest` exactly and follow the shares as closely as possible.
     for k in sorted(shares, key=lambda k: rest * shares[k] - counts[k], reverse=True)[: rest - sum(counts.values())]:
         counts[k] += 1
-    plan = ["no_tool"] * no_tool + ["unseen"] * unseen + [k for k, n in counts.items() for _ in range(n)]
+    plan = ["no_tool"] * no_tool + ["unseen"] * unseen + ["synthetic"] * synthetic + [k for k, n in counts.items() for _ in range(n)]
     rng.shuffle(plan)
     return plan
 
@@ -95,11 +120,26 @@ def _draw(kind: str, rng: random.Random, run: Run, seen_queries: set[str]) -> _D
     raise ValueError(f"no new {kind!r} query in {_MAX_DRAWS} draws: the world is too large for its templates")
 
 
+def _draw_synthetic(rng: random.Random, tools: list[SyntheticTool], run: Run, seen_queries: set[str]) -> _Draft:
+    for _ in range(_MAX_DRAWS):
+        query, call = synthetic_call(rng, rng.choice(tools))
+        if query not in seen_queries:
+            seen_queries.add(query)
+            return _Draft(query, [[call]], run(call)["reference"])
+    raise ValueError(f"no new synthetic query in {_MAX_DRAWS} draws")
+
+
 def _to_task(
-    task_id: str, draft: _Draft, unseen: bool, rng: random.Random, registry: ToolRegistry, cfg: WorldConfig
+    task_id: str,
+    draft: _Draft,
+    unseen: bool,
+    rng: random.Random,
+    registry: ToolRegistry,
+    cfg: WorldConfig,
+    exclude: set[str] = frozenset(),
 ) -> Task:
     needed = list(dict.fromkeys([c.name for step in draft.steps for c in step] + list(draft.bait)))
-    pool = [n for n in registry.names() if n not in needed and (unseen or n not in UNSEEN_TOOLS)]
+    pool = [n for n in registry.names() if n not in needed and n not in exclude and (unseen or n not in UNSEEN_TOOLS)]
     # A no-tool task gets one more tool, so it is offered as many as a single-call task.
     offered = needed + rng.sample(pool, min(len(pool), cfg.distractor_tools + (0 if needed else 1)))
     rng.shuffle(offered)

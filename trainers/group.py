@@ -31,6 +31,12 @@ class LearnerGroup:
 
         return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank, strict=True)])
 
+    def first(self, method: str, *args: Any) -> Any:
+        """Call ``method`` on rank 0 alone (work that needs no collective)."""
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote(*args))
+
     def shutdown(self) -> None:
         import ray
 

@@ -199,6 +199,32 @@ class Learner:
         self.engine.train()
         return {"nll_sum": sum(p[0].item() for p in parts), "tokens": sum(p[1] for p in parts)}
 
+    @torch.no_grad()
+    def evaluate_tools(self, tasks: list[Any], tokenizer: Any, loop: dict[str, Any], world: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Tool-world metrics of this rank's model as it is now: the tool loop over ``generate``.
+
+        For evaluation during training: no checkpoint, no engine start. Under ZeRO 0-2 every
+        rank holds the whole model, so one rank runs it while the others wait. The RNG states
+        are left as they were (an evaluation must not change the training that follows).
+        """
+        from rollout.agent_loop import LoopConfig, run_episodes
+        from rollout.hf_worker import HFRolloutWorker
+        from tooltune.metrics import compute_metrics
+        from tooltune.world import WorldConfig, world_registry
+
+        if self.cfg.zero_stage == 3:
+            raise ValueError("evaluate_tools needs whole weights on one rank: ZeRO-3 shards them (use the final evaluation)")
+        module = self.engine.module
+        registry = world_registry(WorldConfig.model_validate(world) if world else None)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            module.eval()
+            try:
+                worker = HFRolloutWorker.around(module, tokenizer)
+                runs = run_episodes(tasks, worker, tokenizer, LoopConfig.model_validate(loop), registry)
+            finally:
+                module.train()
+        return compute_metrics(tasks, [run.episode for run in runs])
+
     # ---- checkpoints --------------------------------------------------------------------
     def save_state(self, directory: str, client_state: dict[str, Any]) -> None:
         """Trainer state for exact resume: DeepSpeed's model/optimizer/scheduler shards, this

@@ -65,13 +65,12 @@ Conversation = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 def load_sft_conversations(cfg: SFTDataConfig) -> tuple[list[Conversation], list[Conversation]]:
     """(train, validation) conversations as (messages, tools)."""
-    from tooltune.tools.builtins import builtin_registry
-    from tooltune.world import generate_world
+    from tooltune.world import generate_world, world_registry
 
     train: list[Conversation] = []
     val: list[Conversation] = []
     if cfg.world is not None:
-        registry = builtin_registry()
+        registry = world_registry(cfg.world)
         splits = generate_world(cfg.world)
         train += [(gold_messages(t, registry), t.tools) for t in splits["train"]]
         val += [(gold_messages(t, registry), t.tools) for t in splits["validation"]]
@@ -125,6 +124,11 @@ def planned_steps(num_rows: int, global_batch: int, cfg: SFTTrainConfig) -> int:
     return cfg.max_steps or max(1, int(steps_per_epoch(num_rows, global_batch) * cfg.epochs))
 
 
+def tool_eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The overall numeric metrics of a tool-world evaluation, keyed for the metrics log."""
+    return {f"tool_eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 class SFTTrainer:
     def __init__(
         self,
@@ -135,8 +139,13 @@ class SFTTrainer:
         cfg: SFTTrainConfig,
         output_dir: str | Path,
         logger: MetricsLogger | None = None,
+        tool_eval: Callable[[], dict[str, Any]] | None = None,
+        tool_eval_every: int | None = None,
     ):
+        """``tool_eval`` (every ``tool_eval_every`` steps and at the end) returns the tool-world
+        metrics of the model as it is; they are logged as ``tool_eval/<metric>``."""
         self.group, self.tok, self.cfg = group, tokenizer, cfg
+        self.tool_eval, self.tool_eval_every = tool_eval, tool_eval_every
         self.train, self.validation = train, validation
         lc = group.cfg
         self.micro, self.accum, self.world = lc.micro_batch_size, lc.grad_accum_steps, group.world_size
@@ -196,6 +205,8 @@ class SFTTrainer:
             done = step + 1
             if done % self.cfg.eval_every == 0 or done == self.total_steps:
                 metrics |= self.validate()
+            if self.tool_eval and self.tool_eval_every and (done % self.tool_eval_every == 0 or done == self.total_steps):
+                metrics |= tool_eval_scalars(self.tool_eval())
             metrics["time/elapsed_s"] = time.time() - t0
             history.append({"step": done, **metrics})
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")

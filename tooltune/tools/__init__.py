@@ -57,6 +57,15 @@ class ToolRegistry:
         self._tools[name] = Tool(name, schema["function"]["description"], schema["function"]["parameters"], fn)
         return fn
 
+    def add(self, name: str, description: str, parameters: dict[str, Any], fn: Callable[..., Any]) -> Tool:
+        """Add a tool from an explicit JSON schema (``fn`` gets the arguments as keywords)."""
+        if name in self._tools:
+            raise ValueError(f"tool {name!r} is already registered")
+        tool = Tool(name, description, parameters, fn)
+        validate_tool_definition(tool.schema)
+        self._tools[name] = tool
+        return tool
+
     def get(self, name: str) -> Tool:
         if name not in self._tools:
             raise KeyError(f"unknown tool {name!r}; registered: {self.names()}")
