@@ -77,8 +77,8 @@ def run_tier(tier: str, eval_limit: int | None, reuse: bool) -> dict[str, Any]:
 
 def summary(results: dict[str, Any]) -> str:
     lines = [
-        "| tier | steps | train wall s | base validity | validity (all) | validity (seen tools) | exact calls (seen tools) | exact (unseen tools) | over-call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tier | steps | train wall s | base validity | validity (all) | validity (seen tools) | exact calls (seen tools) | exact (unseen tools) | over-call | run (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tier in ("tiny", "smol"):
         r = results.get(tier)
@@ -88,7 +88,8 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(
             f"| {tier} | {r['steps']} | {r['wall_seconds']:.0f} | {fmt(r.get('base_call_validity'))} | {fmt(r['call_validity'])} "
             f"| {fmt(r['after']['seen']['call_validity'])} "
-            f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} |"
+            f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} "
+            f"| {r.get('date', '')[:16].replace('T', ' ')} |"
         )
     return "\n".join(lines)
 
@@ -103,8 +104,11 @@ def main() -> None:
     # Read after the run: the other tier may have finished in the meantime.
     path = RESULTS / "sft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[args.tier] = tier
-    results |= machine_info()
+    results.pop("note", None)  # a note belongs to the run it was written for
+    info = machine_info()
+    # Each tier keeps the date and load of its own run; the top level is the latest run's.
+    results[args.tier] = tier | {"date": info["date"], "load_avg_1_5_15": info["machine"].get("load_avg_1_5_15")}
+    results |= info
     write_result("sft", results, summary(results))
     print(json.dumps(results[args.tier], indent=2))
 

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.local import RayConfig, local_ray
 from cluster.placement import RoleConfig
@@ -54,6 +54,15 @@ class SFTConfig(StrictModel):
     resume: bool = True
     tensorboard: bool = True
 
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> SFTConfig:
+        if self.evaluation.during_training_every:
+            if self.data.world is None:
+                raise ValueError("evaluation.during_training_every needs data.world: its validation split is evaluated")
+            if self.learner.zero_stage == 3:
+                raise ValueError("evaluation.during_training_every needs learner.zero_stage 0-2 (ZeRO-3 shards the weights)")
+        return self
+
 
 def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label: str = "") -> EvalConfig:
     """The evaluation job's config for ``model`` on the held-out test split of ``cfg``'s world
@@ -80,10 +89,6 @@ def periodic_tool_eval(cfg: SFTConfig, group, tokenizer) -> tuple:
     every = cfg.evaluation.during_training_every
     if not every:
         return None, None
-    if cfg.data.world is None:
-        raise ValueError("evaluation.during_training_every needs data.world: its validation split is what is evaluated")
-    if cfg.learner.zero_stage == 3:
-        raise ValueError("evaluation.during_training_every needs learner.zero_stage 0-2 (ZeRO-3 shards the weights)")
     from tooltune.world import generate_world
 
     tasks = generate_world(cfg.data.world)["validation"][: cfg.evaluation.during_training_limit]

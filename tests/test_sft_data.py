@@ -44,3 +44,15 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
     cfg = LearnerConfig(model="m", schedule="cosine", warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
     assert [round(lr_factor(cfg, s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318, 0.1]
+
+
+def test_evaluation_during_training_needs_a_world_and_whole_weights():
+    import pydantic
+
+    from ray_jobs.sft import SFTConfig
+
+    SFTConfig.model_validate({"evaluation": {"during_training_every": 10}})
+    with pytest.raises(pydantic.ValidationError, match="needs data.world"):
+        SFTConfig.model_validate({"data": {"world": None}, "evaluation": {"during_training_every": 10}})
+    with pytest.raises(pydantic.ValidationError, match="zero_stage 0-2"):
+        SFTConfig.model_validate({"learner": {"zero_stage": 3}, "evaluation": {"during_training_every": 10}})
