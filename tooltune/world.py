@@ -4,7 +4,10 @@ Every query is filled from templates, and every argument value of a first call a
 verbatim (dates ISO, numbers as JSON writes them), so even a tiny model trained from scratch
 can learn to copy. The training split is mostly tasks that need a tool (``no_tool_fraction``
 0.1): SFT on it teaches a model to over-call, which the PPO stage then corrects. The test split
-also holds tasks whose tools (``UNSEEN_TOOLS``) never appear in train or validation.
+also holds tasks whose tools (``UNSEEN_TOOLS``) never appear in train or validation. With
+``synthetic_tools``, train and validation also call (and offer as distractors) procedurally
+generated tools (``world_synthetic``), so a model learns to read schemas; the test split never
+holds them.
 """
 
 from __future__ import annotations
