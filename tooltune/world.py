@@ -79,7 +79,7 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
     """Train, validation and test tasks; no query text appears twice in the whole world."""
     rng = random.Random(cfg.seed)
     synthetic = world_synthetic_tools(cfg) if cfg.synthetic_tools else []
-    registry = world_registry(cfg)
+    registry = add_synthetic_tools(builtin_registry(), synthetic)
     run = _ground_truth_runner(registry)
     seen_queries: set[str] = set()
     world = {}
