@@ -71,3 +71,18 @@ def test_split_spaces_makes_a_value_the_same_tokens_in_a_question_and_in_json():
     plain = build_tiny_tokenizer(corpus, 320, split_spaces=False)
     assert not holds(plain(call)["input_ids"], plain(" New")["input_ids"])
     assert plain.decode(plain(query)["input_ids"]) == query
+
+
+def test_isolate_numbers_makes_a_number_the_same_tokens_after_a_space_and_after_a_quote():
+    from tooltune.models import build_tiny_tokenizer
+
+    corpus = ['Days between 2027-08-15 and 2027-09-01? {"start": "2027-08-15", "amount": 144.5, "e": "144 * 21"}'] * 10
+    iso = build_tiny_tokenizer(corpus, 320, isolate_numbers=True)
+    plain = build_tiny_tokenizer(corpus, 320)
+    for tok in (iso, plain):
+        text = 'What is 144 * 21? {"expression": "144 * 21"}'
+        assert tok.decode(tok(text)["input_ids"]) == text
+    # The year opens a pre-token after a space in the question and after a quote in the JSON.
+    after_space, after_quote = iso(" 2027")["input_ids"], iso('"2027')["input_ids"]
+    assert after_space[1:] == after_quote[1:] == iso("2027")["input_ids"]
+    assert plain(" 2027")["input_ids"][-1] != plain('"2027')["input_ids"][-1]
