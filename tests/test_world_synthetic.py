@@ -62,3 +62,20 @@ def test_world_uses_them_in_train_and_validation_only():
 def test_share_without_tools_is_a_config_error():
     with pytest.raises(ValueError, match="synthetic_tools"):
         WorldConfig(synthetic_share=0.2)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_distractors_are_built_in_tools_at_the_configured_odds(share):
+    """Uniform draws from 50 generated tools and a few built-ins would almost never offer a
+    built-in beside another built-in, as every test task does."""
+    cfg = CFG.model_copy(update={"builtin_distractor_share": share, "n_train": 600, "distractor_tools": 1})
+    names = {t.name for t in synthetic_tools(cfg.synthetic_tools, cfg.seed)}
+    distractors = [
+        tool["function"]["name"] in names
+        for task in generate_world(cfg)["train"]
+        for tool in task.tools
+        if tool["function"]["name"] not in {c.name for step in task.expected_calls for c in step}
+    ]
+    builtin_rate = 1 - sum(distractors) / len(distractors)
+    assert len(distractors) >= 600
+    assert builtin_rate == pytest.approx(share, abs=0.05)

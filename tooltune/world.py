@@ -49,6 +49,11 @@ class WorldConfig(StrictModel):
     # tools, called by this share of the needed-tool tasks; they are distractors there too.
     synthetic_tools: NonNegativeInt = 0
     synthetic_share: float = Field(0.0, ge=0, le=1)
+    # With generated tools, the odds that a distractor is a built-in tool. Drawn uniformly from
+    # ~200 generated tools and a few built-ins, a built-in would almost never be offered beside
+    # another built-in, as every test task offers it: the model would learn "call the familiar
+    # tool", and pick a familiar wrong one over an unseen right one.
+    builtin_distractor_share: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> WorldConfig:
@@ -86,13 +91,14 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
     for split, size in zip(SPLITS, (cfg.n_train, cfg.n_validation, cfg.n_test)):
         tasks = []
         # The test split is the fixed benchmark: built-in tools only, generated ones are for learning.
-        exclude = {t.name for t in synthetic} if split == "test" else set()
+        generated = {t.name for t in synthetic}
+        exclude = generated if split == "test" else set()
         for index, kind in enumerate(_plan(split, size, cfg, rng)):
             if kind == "synthetic":
                 draft = _draw_synthetic(rng, synthetic, run, seen_queries)
             else:
                 draft = _draw(kind, rng, run, seen_queries)
-            tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude))
+            tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude, generated))
         world[split] = tasks
     return world
 
@@ -132,6 +138,19 @@ def _draw_synthetic(rng: random.Random, tools: list[SyntheticTool], run: Run, se
     raise ValueError(f"no new synthetic query in {_MAX_DRAWS} draws")
 
 
+def _distractors(rng: random.Random, pool: list[str], k: int, generated: set[str], builtin_share: float) -> list[str]:
+    """``k`` tools of ``pool``; where it holds built-in and generated tools, each pick is a
+    built-in with odds ``builtin_share`` (see ``WorldConfig.builtin_distractor_share``)."""
+    builtins, others = [n for n in pool if n not in generated], [n for n in pool if n in generated]
+    if not builtins or not others:
+        return rng.sample(pool, k)
+    picked = []
+    for _ in range(k):
+        side = builtins if builtins and (not others or rng.random() < builtin_share) else others
+        picked.append(side.pop(rng.randrange(len(side))))
+    return picked
+
+
 def _to_task(
     task_id: str,
     draft: _Draft,
@@ -140,11 +159,13 @@ def _to_task(
     registry: ToolRegistry,
     cfg: WorldConfig,
     exclude: set[str] = frozenset(),
+    generated: set[str] = frozenset(),
 ) -> Task:
     needed = list(dict.fromkeys([c.name for step in draft.steps for c in step] + list(draft.bait)))
     pool = [n for n in registry.names() if n not in needed and n not in exclude and (unseen or n not in UNSEEN_TOOLS)]
     # A no-tool task gets one more tool, so it is offered as many as a single-call task.
-    offered = needed + rng.sample(pool, min(len(pool), cfg.distractor_tools + (0 if needed else 1)))
+    picks = min(len(pool), cfg.distractor_tools + (0 if needed else 1))
+    offered = needed + _distractors(rng, pool, picks, generated, cfg.builtin_distractor_share)
     rng.shuffle(offered)
     if not draft.steps:
         category = "no_tool"
