@@ -64,18 +64,41 @@ def test_share_without_tools_is_a_config_error():
         WorldConfig(synthetic_share=0.2)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_distractors_are_built_in_tools_at_the_configured_odds(share):
-    """Uniform draws from 50 generated tools and a few built-ins would almost never offer a
-    built-in beside another built-in, as every test task does."""
+
+def test_pick_distractors_draws_built_ins_at_the_given_odds():
+    import random
+
+    from tooltune.world import pick_distractors
+
+    pool, generated = ["calculator", "get_weather", "g1", "g2", "g3"], {"g1", "g2", "g3"}
+    rng = random.Random(0)
+    assert set(pick_distractors(rng, pool, 2, generated, 1.0)) == {"calculator", "get_weather"}
+    assert set(pick_distractors(rng, pool, 3, generated, 0.0)) == generated
+    # One side runs out: the picks go on from the other, never twice the same tool.
+    four = pick_distractors(rng, pool, 4, generated, 1.0)
+    assert len(set(four)) == 4 and {"calculator", "get_weather"} <= set(four)
+    for share in (0.0, 1.0, 0.5):
+        picked = pick_distractors(rng, pool, 5, generated, share)
+        assert sorted(picked) == sorted(pool)
+    assert pick_distractors(rng, [], 0, generated, 0.5) == []
+    assert pick_distractors(rng, ["g1", "g2"], 1, generated, 1.0)[0] in {"g1", "g2"}  # no built-in to offer
+    draws = [pick_distractors(rng, pool, 1, generated, 0.25)[0] for _ in range(4000)]
+    assert sum(d not in generated for d in draws) / len(draws) == pytest.approx(0.25, abs=0.03)
+
+
+@pytest.mark.parametrize("share", [None, 0.5])
+def test_world_offers_built_in_distractors_at_the_configured_odds(share):
+    """Uniform draws (None) from 50 generated tools and seven built-ins almost never offer a
+    built-in beside another; with a share, a built-in is offered at those odds."""
     cfg = CFG.model_copy(update={"builtin_distractor_share": share, "n_train": 600, "distractor_tools": 1})
     names = {t.name for t in synthetic_tools(cfg.synthetic_tools, cfg.seed)}
+    world = generate_world(cfg)
     distractors = [
-        tool["function"]["name"] in names
-        for task in generate_world(cfg)["train"]
+        tool["function"]["name"] not in names
+        for task in world["train"]
+        if task.needs_tool
         for tool in task.tools
         if tool["function"]["name"] not in {c.name for step in task.expected_calls for c in step}
     ]
-    builtin_rate = 1 - sum(distractors) / len(distractors)
-    assert len(distractors) >= 600
-    assert builtin_rate == pytest.approx(share, abs=0.05)
+    builtin_rate = sum(distractors) / len(distractors)
+    assert builtin_rate < 0.15 if share is None else builtin_rate == pytest.approx(share, abs=0.05)

@@ -49,11 +49,11 @@ class WorldConfig(StrictModel):
     # tools, called by this share of the needed-tool tasks; they are distractors there too.
     synthetic_tools: NonNegativeInt = 0
     synthetic_share: float = Field(0.0, ge=0, le=1)
-    # With generated tools, the odds that a distractor is a built-in tool. Drawn uniformly from
-    # ~200 generated tools and a few built-ins, a built-in would almost never be offered beside
-    # another built-in, as every test task offers it: the model would learn "call the familiar
-    # tool", and pick a familiar wrong one over an unseen right one.
-    builtin_distractor_share: float = Field(0.5, ge=0, le=1)
+    # With generated tools, the odds that a distractor is a built-in tool; None draws uniformly.
+    # Uniform draws from ~200 generated tools and a few built-ins almost never offer a built-in
+    # beside another built-in, as every test task does: the model learns "call the familiar
+    # tool", and picks a familiar wrong one over an unseen right one.
+    builtin_distractor_share: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> WorldConfig:
@@ -88,10 +88,10 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
     run = _ground_truth_runner(registry)
     seen_queries: set[str] = set()
     world = {}
+    generated = {t.name for t in synthetic}
     for split, size in zip(SPLITS, (cfg.n_train, cfg.n_validation, cfg.n_test)):
         tasks = []
         # The test split is the fixed benchmark: built-in tools only, generated ones are for learning.
-        generated = {t.name for t in synthetic}
         exclude = generated if split == "test" else set()
         for index, kind in enumerate(_plan(split, size, cfg, rng)):
             if kind == "synthetic":
@@ -138,11 +138,13 @@ def _draw_synthetic(rng: random.Random, tools: list[SyntheticTool], run: Run, se
     raise ValueError(f"no new synthetic query in {_MAX_DRAWS} draws")
 
 
-def _distractors(rng: random.Random, pool: list[str], k: int, generated: set[str], builtin_share: float) -> list[str]:
-    """``k`` tools of ``pool``; where it holds built-in and generated tools, each pick is a
-    built-in with odds ``builtin_share`` (see ``WorldConfig.builtin_distractor_share``)."""
+def pick_distractors(
+    rng: random.Random, pool: list[str], k: int, generated: set[str], builtin_share: float | None
+) -> list[str]:
+    """``k`` (at most ``len(pool)``) tools of ``pool``; where it holds built-in and generated
+    tools, each pick is a built-in with odds ``builtin_share`` (see ``WorldConfig``)."""
     builtins, others = [n for n in pool if n not in generated], [n for n in pool if n in generated]
-    if not builtins or not others:
+    if builtin_share is None or not builtins or not others:
         return rng.sample(pool, k)
     picked = []
     for _ in range(k):
@@ -165,7 +167,7 @@ def _to_task(
     pool = [n for n in registry.names() if n not in needed and n not in exclude and (unseen or n not in UNSEEN_TOOLS)]
     # A no-tool task gets one more tool, so it is offered as many as a single-call task.
     picks = min(len(pool), cfg.distractor_tools + (0 if needed else 1))
-    offered = needed + _distractors(rng, pool, picks, generated, cfg.builtin_distractor_share)
+    offered = needed + pick_distractors(rng, pool, picks, generated, cfg.builtin_distractor_share)
     rng.shuffle(offered)
     if not draft.steps:
         category = "no_tool"
