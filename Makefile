@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt cluster/install.sh
 	bash cluster/install.sh $(VENV) $(FLAVOR)
 	touch $@
 
+# The local demo: SmolLM2-135M-Instruct evaluated, LoRA-trained for 60 steps, evaluated again.
+DEMO_ARGS ?= train.max_steps=60 data.limit=240 evaluation.limit=30 output_dir=runs/demo resume=false
+
 demo: $(STAMP)
-	$(PY) -m ray_jobs.smoke --config configs/tiny/smoke.yaml
+	$(PY) -m ray_jobs.demo --config configs/smol/sft.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	@start=$$(date +%s); $(PY) -m pytest -q tests; rc=$$?; \

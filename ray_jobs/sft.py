@@ -96,11 +96,24 @@ def periodic_tool_eval(cfg: SFTConfig, group, tokenizer) -> tuple:
     return (lambda: group.first("evaluate_tools", tasks, tokenizer, loop, world)), every
 
 
+def base_model(cfg: SFTConfig, train_convs: list | None = None, texts: list[str] | None = None) -> str:
+    """The checkpoint SFT starts from: a path, SmolLM2 (converted once), or the tiny model whose
+    tokenizer is fit to the training corpus (``train_convs``/``texts``, loaded when not given)."""
+    from tooltune.models import chat_corpus, resolve_model
+    from trainers.sft import load_sft_conversations, load_text
+
+    def corpus() -> list[str]:
+        convs = train_convs if train_convs is not None else load_sft_conversations(cfg.data)[0]
+        text = texts if texts is not None else load_text(cfg.data.text_files)
+        return chat_corpus(convs[:2000]) + text[:2000]
+
+    return resolve_model(cfg.model, corpus, cfg.tiny)
+
+
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from tooltune.chat import install_tool_template, needs_tool_template
-    from tooltune.models import chat_corpus, resolve_model
     from tooltune.tracking import MetricsLogger
     from trainers.group import LearnerGroup
     from trainers.sft import SFTTrainer, load_sft_conversations, load_text, planned_steps, tokenize_all, training_rows
@@ -112,7 +125,7 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
 
     train_convs, val_convs = load_sft_conversations(cfg.data)
     texts = load_text(cfg.data.text_files)
-    model_path = resolve_model(cfg.model, lambda: chat_corpus(train_convs[:2000]) + texts[:2000], cfg.tiny)
+    model_path = base_model(cfg, train_convs, texts)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if needs_tool_template(tokenizer):
         install_tool_template(tokenizer)

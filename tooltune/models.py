@@ -108,7 +108,8 @@ def build_tiny_model(out_dir: str | Path, corpus: Iterable[str] | None = None, c
     from tooltune.chat import install_tool_template
 
     cfg = cfg or TinyModelConfig()
-    tok = build_tiny_tokenizer(corpus if corpus is not None else default_corpus(), cfg.vocab_size, cfg.split_spaces, cfg.isolate_numbers)
+    corpus = corpus if corpus is not None else default_corpus()
+    tok = build_tiny_tokenizer(corpus, cfg.vocab_size, cfg.split_spaces, cfg.isolate_numbers)
     install_tool_template(tok)
     vocab = ((len(tok) + 63) // 64) * 64
     config = LlamaConfig(
