@@ -2,11 +2,13 @@
 
     python -m benchmarks.sft --tier tiny     # tiny Llama from scratch on the tool world
     python -m benchmarks.sft --tier smol     # LoRA on SmolLM2-135M-Instruct
+    python -m benchmarks.sft --tier tiny --trial NAME --set train.max_steps=8000   # a variant
 
 Each tier trains with its config (``configs/<tier>/sft.yaml``) from scratch, and the SFT job
 then evaluates the final checkpoint on the held-out test split of the *same* tool world (so no
 test query was seen in training). The smol tier also evaluates the base model first, the same way.
-Writes ``benchmarks/results/sft.json`` (one key per tier) and a section of ``RESULTS.md``.
+Writes ``benchmarks/results/sft.json`` (one key per tier; a trial, the tier's config with
+``--set`` overrides, under ``trials``) and a section of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -44,14 +46,14 @@ def finished_run(sft: SFTConfig) -> dict[str, Any] | None:
     return done if same and done["completed_steps"] == done["steps"] else None
 
 
-def run_tier(tier: str, eval_limit: int | None, reuse: bool) -> dict[str, Any]:
-    sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig)
+def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: list[str] = ()) -> dict[str, Any]:
+    sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig, overrides)
     sft.evaluation.enabled, sft.evaluation.limit = True, eval_limit
     out = Path(sft.output_dir)
     previous = finished_run(sft) if reuse else None
     if previous is None:
         shutil.rmtree(out, ignore_errors=True)
-    result: dict[str, Any] = {"config": f"configs/{tier}/sft.yaml"}
+    result: dict[str, Any] = {"config": f"configs/{tier}/sft.yaml", "overrides": list(overrides)}
     if tier == "smol":
         base = run_evaluation(evaluation_config(sft, "smollm2", out / "eval_base", "SmolLM2-135M-Instruct (base)"))["world"]["test"]
         result["base_call_validity"] = base["call_validity"] or 0.0
@@ -80,8 +82,9 @@ def summary(results: dict[str, Any]) -> str:
         "| tier | steps | train wall s | base validity | validity (all) | validity (seen tools) | exact calls (seen tools) | exact (unseen tools) | over-call | run (UTC) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for tier in ("tiny", "smol"):
-        r = results.get(tier)
+    runs = [(tier, results.get(tier)) for tier in ("tiny", "smol")]
+    runs += [(f"trial {name}: {' '.join(r['overrides'])}", r) for name, r in results.get("trials", {}).items()]
+    for tier, r in runs:
         if not r:
             continue
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -99,18 +102,26 @@ def main() -> None:
     parser.add_argument("--tier", choices=["tiny", "smol"], required=True)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N test tasks")
     parser.add_argument("--reuse", action="store_true", help="evaluate a finished run of the same config instead of training again")
+    parser.add_argument("--trial", help="record the run as trials[TIER/NAME], not as the tier's result")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (a trial only)")
     args = parser.parse_args()
-    tier = run_tier(args.tier, args.eval_limit, args.reuse)
+    if args.set and not args.trial:
+        parser.error("--set changes the tier's config: name the run with --trial")
+    tier = run_tier(args.tier, args.eval_limit, args.reuse, args.set)
     # Read after the run: the other tier may have finished in the meantime.
     path = RESULTS / "sft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("note", None)  # a note belongs to the run it was written for
     info = machine_info()
     # Each tier keeps the date and load of its own run; the top level is the latest run's.
-    results[args.tier] = tier | {"date": info["date"], "load_avg_1_5_15": info["machine"].get("load_avg_1_5_15")}
+    run = tier | {"date": info["date"], "load_avg_1_5_15": info["machine"].get("load_avg_1_5_15")}
+    if args.trial:
+        results.setdefault("trials", {})[f"{args.tier}/{args.trial}"] = run
+    else:
+        results[args.tier] = run
     results |= info
     write_result("sft", results, summary(results))
-    print(json.dumps(results[args.tier], indent=2))
+    print(json.dumps(run, indent=2))
 
 
 if __name__ == "__main__":

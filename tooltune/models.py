@@ -43,8 +43,9 @@ class TinyModelConfig(StrictModel):
     # the tiny model learning to copy any sooner.
     split_spaces: bool = False
     # A number is its own pre-token, so the space before it is a token apart: "2026" after a space
-    # in a question and after a JSON quote are then the same tokens. Copying numbers (dates,
-    # amounts, expressions) is where a tiny model's calls went wrong; this costs ~1% length.
+    # in a question and after a JSON quote are then the same tokens (~1% longer sequences). Off
+    # by default: a tiny-tier trial with it (and 8,000 steps) copied numbers later, not sooner
+    # (benchmarks/RESULTS.md, trial isolate-numbers-8000).
     isolate_numbers: bool = False
 
 
