@@ -13,12 +13,14 @@ The config is an SFT config (``ray_jobs/sft.py``); the demo turns its final eval
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ray_jobs._cli import job_config, user_errors
-from ray_jobs.evaluate import run_evaluation
+from ray_jobs.evaluate import run_evaluation, world_tasks
 from ray_jobs.sft import SFTConfig, base_model, evaluation_config, run_sft
+from tooltune.episode import Task, ToolCall
 from tooltune.metrics import metrics_markdown
 
 
@@ -49,10 +51,21 @@ def read_episodes(eval_dir: Path) -> dict[str, dict[str, Any]]:
     return {e["task_id"]: e for e in map(json.loads, lines)}
 
 
-def shown_task(base_dir: Path, after_dir: Path) -> tuple[dict, dict] | None:
-    """The first task that needs a tool, with both its episodes (before, after)."""
+def solved(task: Task, episode: dict[str, Any]) -> bool:
+    """The episode made the expected calls (compared as ``metrics.calls_match_exactly`` does) and
+    ended with the expected answer."""
+    made = [Counter(ToolCall(**c).key() for c in t["calls"]) for t in episode["turns"] if t["calls"]]
+    expected = [Counter(c.key() for c in step) for step in task.expected_calls if step]
+    answer = episode["final_answer"] if episode["end_reason"] == "final_answer" else None
+    return made == expected and answer is not None and task.expected_answer.lower() in answer.lower()
+
+
+def shown_task(base_dir: Path, after_dir: Path, tasks: dict[str, Task]) -> tuple[dict, dict] | None:
+    """A task that needs a tool, with both its episodes (before, after): the first one the trained
+    model solved, else the first one."""
     before, after = read_episodes(base_dir), read_episodes(after_dir)
-    return next(((before[i], e) for i, e in after.items() if e["category"] != "no_tool" and i in before), None)
+    needed = [(before[i], e) for i, e in after.items() if tasks[i].needs_tool and i in before]
+    return next((pair for pair in needed if solved(tasks[pair[1]["task_id"]], pair[1])), needed[0] if needed else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     steps, seconds = trained["steps"], trained["wall_seconds"]
     print(f"\nheld-out tool-world tasks: {base['n_tasks']}; SFT: {steps} steps in {seconds:.0f} s\n")
     print(metrics_markdown({"before SFT": base, "after SFT": trained["evaluation"]}))
-    pair = shown_task(out / "eval_base", out / "eval")
+    tasks = {t.id: t for t in world_tasks(evaluation_config(cfg, trained["checkpoint"], out / "eval"))["test"]}
+    pair = shown_task(out / "eval_base", out / "eval", tasks)
     if pair:
-        print("\nbefore SFT:\n" + transcript(pair[0]) + "\n\nafter SFT:\n" + transcript(pair[1]))
+        print("\nOne held-out task, before SFT:\n" + transcript(pair[0]) + "\n\nafter SFT:\n" + transcript(pair[1]))
     print(f"\nreports: {out / 'eval_base' / 'report.md'}, {out / 'eval' / 'report.md'}")
     print(f"checkpoint: {trained['checkpoint']}")
 

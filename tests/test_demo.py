@@ -54,4 +54,4 @@ def test_demo_evaluates_the_base_and_the_trained_model_on_the_same_tasks(tmp_pat
     assert ids[0] == ids[1] and len(ids[0]) == 5
     assert "held-out tool-world tasks: 5; SFT: 2 steps" in printed
     assert metrics_markdown({"before SFT": before["world"]["test"], "after SFT": after["world"]["test"]}) in printed
-    assert "before SFT:\n       user: " in printed and "after SFT:\n       user: " in printed
+    assert "task, before SFT:\n       user: " in printed and "after SFT:\n       user: " in printed
