@@ -51,8 +51,8 @@ class WorldConfig(StrictModel):
     synthetic_share: float = Field(0.0, ge=0, le=1)
     # With generated tools, the odds that a distractor is a built-in tool; None draws uniformly.
     # Uniform draws from ~200 generated tools and a few built-ins almost never offer a built-in
-    # beside another built-in, as every test task does: the model learns "call the familiar
-    # tool", and picks a familiar wrong one over an unseen right one.
+    # beside another built-in, as every test task does: a model can learn "call the familiar
+    # tool" and pick a familiar wrong one over an unseen right one.
     builtin_distractor_share: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
