@@ -23,6 +23,9 @@ from benchmarks.common import machine_info, write_result
 from ray_jobs.evaluate import run_evaluation
 from ray_jobs.sft import SFTConfig, evaluation_config, run_sft
 from tooltune.config import ConfigError, load_config
+from tooltune.episode import Episode
+from tooltune.metrics import miss_breakdown, pair_episodes
+from tooltune.world import generate_world
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,6 +47,15 @@ def finished_run(sft: SFTConfig) -> dict[str, Any] | None:
     except (OSError, ValueError, ConfigError):
         return None
     return done if same and done["completed_steps"] == done["steps"] else None
+
+
+def misses(sft: SFTConfig, eval_dir: Path) -> dict[str, Any]:
+    """Where the evaluated checkpoint's exact calls fail (``metrics.miss_breakdown``), from the
+    episodes the evaluation wrote and the test split of the run's world."""
+    lines = (eval_dir / "episodes.jsonl").read_text(encoding="utf-8").splitlines()
+    episodes = [Episode.from_dict(json.loads(line)) for line in lines]
+    tasks = {t.id: t for t in generate_world(sft.data.world)["test"]}
+    return miss_breakdown(pair_episodes([tasks[e.task_id] for e in episodes], episodes))
 
 
 def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: list[str] = ()) -> dict[str, Any]:
@@ -73,6 +85,7 @@ def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: list[str
         "final_validation_loss": next((h["validation/loss"] for h in reversed(trained["history"]) if "validation/loss" in h), None),
         "eval_tasks": after["n_tasks"],
         "after": needed_tool_subset(after),
+        "misses": misses(sft, out / "eval"),
     }
     return result
 
@@ -94,6 +107,11 @@ def summary(results: dict[str, Any]) -> str:
             f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} "
             f"| {r.get('date', '')[:16].replace('T', ' ')} |"
         )
+    for tier, r in runs:
+        if r and r.get("misses"):
+            tools = ", ".join(f"{k} {v['first_wrong']}/{v['expected_calls']}" for k, v in r["misses"]["by_tool"].items())
+            cats = ", ".join(f"{k} {v['missed']}/{v['tasks']}" for k, v in r["misses"]["by_category"].items())
+            lines += ["", f"{tier}, exact-call misses: by category (missed/tasks) {cats}; by tool (calls wrong or missing in the first wrong step / calls expected) {tools}."]
     return "\n".join(lines)
 
 

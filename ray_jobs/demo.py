@@ -13,15 +13,14 @@ The config is an SFT config (``ray_jobs/sft.py``); the demo turns its final eval
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import run_evaluation, world_tasks
 from ray_jobs.sft import SFTConfig, base_model, evaluation_config, run_sft
-from tooltune.episode import Task, ToolCall
-from tooltune.metrics import metrics_markdown
+from tooltune.episode import Episode, Task
+from tooltune.metrics import answer_is_correct, calls_match_exactly, metrics_markdown
 
 
 def before_and_after(cfg: SFTConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,12 +51,10 @@ def read_episodes(eval_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def solved(task: Task, episode: dict[str, Any]) -> bool:
-    """The episode made the expected calls (compared as ``metrics.calls_match_exactly`` does) and
-    ended with the expected answer."""
-    made = [Counter(ToolCall(**c).key() for c in t["calls"]) for t in episode["turns"] if t["calls"]]
-    expected = [Counter(c.key() for c in step) for step in task.expected_calls if step]
-    answer = episode["final_answer"] if episode["end_reason"] == "final_answer" else None
-    return made == expected and answer is not None and task.expected_answer.lower() in answer.lower()
+    """The episode (a line of ``episodes.jsonl``) made the expected calls and ended with the
+    expected answer."""
+    ep = Episode.from_dict(episode)
+    return calls_match_exactly(task, ep) and answer_is_correct(task, ep)
 
 
 def shown_task(base_dir: Path, after_dir: Path, tasks: dict[str, Task]) -> tuple[dict, dict] | None:

@@ -148,3 +148,59 @@ def test_markdown_table():
     assert lines[2] == "| sft | 7 | 66.7% | 60.0% | 40.0% | 50.0% | 20.0% | 71.4% | 0.71 | 21.4 |"
     assert lines[3] == "| ppo | 1 | n/a | n/a | n/a | 0.0% | n/a | 100.0% | 0.00 | 5.0 |"
     assert metrics_markdown({"sft": base}, subset="unseen").splitlines()[2].startswith("| sft | 2 | 66.7% | 50.0%")
+
+
+# ---- where exact calls fail -------------------------------------------------------------------
+def test_first_missed_calls_and_miss_breakdown():
+    from tooltune.metrics import first_missed_calls, miss_breakdown, pair_episodes
+
+    two = ToolCall("calculator", {"expression": "2 * 3"})
+    tasks = [
+        Task(id="ok", query="", tools=[], expected_calls=[[weather("Paris")]], category="single"),
+        Task(id="arg", query="", tools=[], expected_calls=[[weather("Paris"), weather("Oslo")]], category="parallel"),
+        Task(id="step2", query="", tools=[], expected_calls=[[weather("Paris")], [two]], category="multi_step"),
+        Task(id="extra", query="", tools=[], expected_calls=[[weather("Paris")]], category="single"),
+        Task(id="none", query="", tools=[], expected_calls=[], category="no_tool"),
+    ]
+    episodes = [
+        episode("ok", Turn("", [weather("Paris")])),
+        # Oslo right, Paris copied wrong: only Paris is missed.
+        episode("arg", Turn("", [weather("Pari"), weather("Oslo")])),
+        # Step 1 right, step 2 never made.
+        episode("step2", Turn("", [weather("Paris")])),
+        # Every expected call made, then one more turn of calls.
+        episode("extra", Turn("", [weather("Paris")]), Turn("", [CALC])),
+        episode("none", Turn("", [CALC])),
+    ]
+    by_id = dict(zip([t.id for t in tasks], zip(tasks, episodes)))
+    assert first_missed_calls(*by_id["ok"]) == []
+    assert first_missed_calls(*by_id["arg"]) == [weather("Paris")]
+    assert first_missed_calls(*by_id["step2"]) == [two]
+    assert first_missed_calls(*by_id["extra"]) == []
+
+    got = miss_breakdown(pair_episodes(tasks, episodes))
+    assert got["by_category"] == {
+        "multi_step": {"missed": 1, "tasks": 1},
+        "parallel": {"missed": 1, "tasks": 1},
+        "single": {"missed": 1, "tasks": 2},
+    }
+    # Expected: get_weather 5 (ok 1, arg 2, step2 1, extra 1), calculator 1; the no-tool task counts nowhere.
+    assert got["by_tool"] == {
+        "(extra call)": {"first_wrong": 1, "expected_calls": 0},
+        "calculator": {"first_wrong": 1, "expected_calls": 1},
+        "get_weather": {"first_wrong": 1, "expected_calls": 5},
+    }
+    assert got["missed_task_ids"] == ["arg", "step2", "extra"]
+
+
+def test_episode_from_dict_inverts_to_dict():
+    ep = Episode(
+        task_id="t",
+        turns=[Turn("x", [weather("Paris")]), Turn("bad", failure=FailureReason.MALFORMED_JSON, failure_detail="d")],
+        final_answer=None,
+        end_reason=EndReason.TURN_LIMIT,
+        num_generated_tokens=7,
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    assert Episode.from_dict(ep.to_dict()) == ep
+    assert Episode.from_dict(ep.to_dict() | {"source": "test", "category": "single"}) == ep

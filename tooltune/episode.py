@@ -7,7 +7,7 @@ did with it in the tool loop. Metrics and rewards are pure functions of the two.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -161,6 +161,17 @@ class Episode:
         for t in d["turns"]:
             t["failure"] = t["failure"].value if t["failure"] else None
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Episode:
+        """The inverse of ``to_dict``; keys that are not fields are ignored (the evaluation job's
+        ``episodes.jsonl`` adds the task's ``source``, ``category`` and ``unseen_tools``)."""
+        turns = [
+            Turn(**{**t, "calls": [ToolCall(**c) for c in t["calls"]], "failure": FailureReason(t["failure"]) if t["failure"] else None})
+            for t in d["turns"]
+        ]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known} | {"turns": turns, "end_reason": EndReason(d["end_reason"])})
 
 
 _CALL_ATTEMPT_FAILURES = {

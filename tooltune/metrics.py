@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from tooltune.episode import EndReason, Episode, Task
+from tooltune.episode import EndReason, Episode, Task, ToolCall
 
 METRIC_KEYS = (
     "n_tasks",
@@ -75,6 +75,46 @@ def calls_match_exactly(task: Task, episode: Episode) -> bool:
     made = [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
     expected = [Counter(c.key() for c in step) for step in task.expected_calls if step]
     return made == expected
+
+
+def first_missed_calls(task: Task, episode: Episode) -> list[ToolCall]:
+    """The expected calls of the first step the episode got wrong (compared as
+    ``calls_match_exactly`` does), less those it made right there. A step with no calling turn
+    to match misses all its calls. ``[]`` when no expected call was wrong or missing: every step
+    matched, or the model only added calls (to a step, or in turns past the last step)."""
+    made = [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
+    for i, step in enumerate(s for s in task.expected_calls if s):
+        got = made[i] if i < len(made) else Counter()
+        if Counter(c.key() for c in step) != got:
+            return [c for c in step if got[c.key()] == 0]
+    return []
+
+
+def miss_breakdown(pairs: list[tuple[Task, Episode]]) -> dict[str, Any]:
+    """Where exact calls fail, over the tasks that need a tool: per task category, the tasks
+    missed and in all; per tool, how many of its calls were wrong or missing in a task's first
+    wrong step (a miss that only added calls counts under ``(extra call)``) and how many calls
+    of it were expected in all; and the missed tasks' ids."""
+    by_category: dict[str, list[int]] = {}
+    by_tool: Counter = Counter()
+    expected: Counter = Counter(c.name for t, _ in pairs if t.needs_tool for c in t.flat_expected_calls())
+    missed: list[str] = []
+    for task, episode in pairs:
+        if not task.needs_tool:
+            continue
+        row = by_category.setdefault(task.category, [0, 0])
+        row[1] += 1
+        if calls_match_exactly(task, episode):
+            continue
+        row[0] += 1
+        missed.append(task.id)
+        wrong = first_missed_calls(task, episode)
+        by_tool.update([c.name for c in wrong] or ["(extra call)"])
+    return {
+        "by_category": {k: {"missed": m, "tasks": n} for k, (m, n) in sorted(by_category.items())},
+        "by_tool": {k: {"first_wrong": by_tool[k], "expected_calls": expected[k]} for k in sorted(set(by_tool) | set(expected))},
+        "missed_task_ids": missed,
+    }
 
 
 def _share(hits: int, total: int) -> float | None:
