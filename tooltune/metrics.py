@@ -70,11 +70,13 @@ def tool_names_match(task: Task, episode: Episode) -> bool:
     return Counter(c.name for c in episode.calls) == Counter(c.name for c in task.flat_expected_calls())
 
 
+def _made_steps(episode: Episode) -> list[Counter]:
+    return [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
+
+
 def calls_match_exactly(task: Task, episode: Episode) -> bool:
     """The calling turns match the expected steps one to one, each step order-insensitive."""
-    made = [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
-    expected = [Counter(c.key() for c in step) for step in task.expected_calls if step]
-    return made == expected
+    return _made_steps(episode) == [Counter(c.key() for c in step) for step in task.expected_calls if step]
 
 
 def first_missed_calls(task: Task, episode: Episode) -> list[ToolCall]:
@@ -82,7 +84,7 @@ def first_missed_calls(task: Task, episode: Episode) -> list[ToolCall]:
     ``calls_match_exactly`` does), less those it made right there. A step with no calling turn
     to match misses all its calls. ``[]`` when no expected call was wrong or missing: every step
     matched, or the model only added calls (to a step, or in turns past the last step)."""
-    made = [Counter(c.key() for c in t.calls) for t in episode.turns if t.calls]
+    made = _made_steps(episode)
     for i, step in enumerate(s for s in task.expected_calls if s):
         got = made[i] if i < len(made) else Counter()
         if Counter(c.key() for c in step) != got:
