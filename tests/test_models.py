@@ -86,3 +86,20 @@ def test_isolate_numbers_makes_a_number_the_same_tokens_after_a_space_and_after_
     after_space, after_quote = iso(" 2027")["input_ids"], iso('"2027')["input_ids"]
     assert after_space[1:] == after_quote[1:] == iso("2027")["input_ids"]
     assert plain(" 2027")["input_ids"][-1] != plain('"2027')["input_ids"][-1]
+
+
+def test_single_digits_makes_every_digit_one_token_and_a_number_the_same_tokens_in_any_context():
+    from tooltune.models import build_tiny_tokenizer
+
+    corpus = ['What is 4154 * 603? {"expression": "4154 * 603", "amount": 1039.37, "date": "2027-08-15"}'] * 10
+    tok = build_tiny_tokenizer(corpus, 320, single_digits=True)
+    text = 'What is 4154 * 603? {"expression": "4154 * 603"}'
+    assert tok.decode(tok(text)["input_ids"]) == text
+    digits = tok("4154")["input_ids"]
+    assert [tok.decode([i]) for i in digits] == ["4", "1", "5", "4"]
+    # After a space (the question) and after a quote (the JSON string): the same digit tokens.
+    assert tok(" 4154")["input_ids"][-4:] == tok('"4154')["input_ids"][-4:] == digits
+    assert [tok.decode([i]) for i in tok("1039.37")["input_ids"]] == ["1", "0", "3", "9", ".", "3", "7"]
+    # The plain tokenizer, trained on the same text, merges digits (the merge differs by context).
+    plain = build_tiny_tokenizer(corpus, 320)
+    assert len(plain("4154")["input_ids"]) < 4

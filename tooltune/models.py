@@ -47,6 +47,10 @@ class TinyModelConfig(StrictModel):
     # by default: a tiny-tier trial with it (and 8,000 steps) copied numbers later, not sooner
     # (benchmarks/RESULTS.md, trial isolate-numbers-8000).
     isolate_numbers: bool = False
+    # Every digit is a token of its own ("4154" is 4, 1, 5, 4 wherever it stands), so copying a
+    # number from a question into a JSON string is the same tokens in the same order; numbers
+    # get longer (a date is 8 digit tokens and 2 dashes).
+    single_digits: bool = False
 
 
 def cache_dir() -> Path:
@@ -67,18 +71,23 @@ def default_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(
-    corpus: Iterable[str], vocab_size: int = 1024, split_spaces: bool = False, isolate_numbers: bool = False
+    corpus: Iterable[str],
+    vocab_size: int = 1024,
+    split_spaces: bool = False,
+    isolate_numbers: bool = False,
+    single_digits: bool = False,
 ):
     """A byte-level BPE with ChatML control tokens, trained deterministically on ``corpus``;
     ``split_spaces`` makes every space a token of its own, ``isolate_numbers`` every run of
-    digits a pre-token of its own (see ``TinyModelConfig``)."""
+    digits a pre-token of its own, ``single_digits`` every digit (see ``TinyModelConfig``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     splits = [pre_tokenizers.Split(" ", behavior="isolated")] if split_spaces else []
-    splits += [pre_tokenizers.Digits(individual_digits=False)] if isolate_numbers else []
+    if isolate_numbers or single_digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=single_digits))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -110,7 +119,7 @@ def build_tiny_model(out_dir: str | Path, corpus: Iterable[str] | None = None, c
 
     cfg = cfg or TinyModelConfig()
     corpus = corpus if corpus is not None else default_corpus()
-    tok = build_tiny_tokenizer(corpus, cfg.vocab_size, cfg.split_spaces, cfg.isolate_numbers)
+    tok = build_tiny_tokenizer(corpus, cfg.vocab_size, cfg.split_spaces, cfg.isolate_numbers, cfg.single_digits)
     install_tool_template(tok)
     vocab = ((len(tok) + 63) // 64) * 64
     config = LlamaConfig(
