@@ -84,6 +84,12 @@ def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: list[str
         "final_train_loss": trained["history"][-1]["train/loss"],
         "final_validation_loss": next((h["validation/loss"] for h in reversed(trained["history"]) if "validation/loss" in h), None),
         "eval_tasks": after["n_tasks"],
+        # The tool loop on validation tasks during training (evaluation.during_training_every).
+        "during_training": [
+            {"step": h["step"], "call_validity": h["tool_eval/call_validity"], "exact_calls": h["tool_eval/argument_accuracy"]}
+            for h in trained["history"]
+            if "tool_eval/argument_accuracy" in h
+        ],
         "after": needed_tool_subset(after),
         "misses": misses(sft, out / "eval"),
     }

@@ -34,7 +34,7 @@ def test_demo_evaluates_the_base_and_the_trained_model_on_the_same_tasks(tmp_pat
     out = tmp_path / "demo"
     config = {
         "model": "tiny",
-        "tiny": {"isolate_numbers": True},
+        "tiny": {"single_digits": True},
         "learners": {"num_ranks": 1, "cpus": 1},
         "learner": {"zero_stage": 0, "lr": 3e-3, "micro_batch_size": 4},
         "data": {"world": {"seed": 2, "n_train": 16, "n_validation": 2, "n_test": 8, "distractor_tools": 0}},
