@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def misses(sft: SFTConfig, eval_dir: Path) -> dict[str, Any]:
     return miss_breakdown(pair_episodes([tasks[e.task_id] for e in episodes], episodes))
 
 
-def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: list[str] = ()) -> dict[str, Any]:
+def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
     sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig, overrides)
     sft.evaluation.enabled, sft.evaluation.limit = True, eval_limit
     out = Path(sft.output_dir)
