@@ -6,6 +6,7 @@ fixed sequences, and loads new policy weights with a version and a verified chec
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tooltune.config import StrictModel
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutConfig(StrictModel):
@@ -27,6 +30,8 @@ class RolloutConfig(StrictModel):
     enable_sleep_mode: bool = False
     # vLLM pins its CPU worker to cores; "auto" leaves vLLM's default, "all" binds every core.
     cpu_threads_bind: str = "auto"
+    # vLLM's own log lines; at "info" it lists every engine setting at start-up.
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
 
 
 @dataclass
@@ -46,6 +51,21 @@ class PromptResult:
     samples: list[Generation] = field(default_factory=list)
 
 
+class _RequestedCasts(logging.Filter):
+    """Drops (and counts) vLLM's per-weight dtype warnings whose target is ``dtype``."""
+
+    def __init__(self, dtype: str):
+        super().__init__()
+        self.dtype, self.count = f"torch.{dtype}", 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("Attempted to load weight %s with dtype") and len(args) == 3 and str(args[2]) == self.dtype:
+            self.count += 1
+            return False
+        return True
+
+
 class RolloutWorker:
     def __init__(self, cfg: RolloutConfig | dict):
         self.cfg = cfg if isinstance(cfg, RolloutConfig) else RolloutConfig.model_validate(cfg)
@@ -53,6 +73,11 @@ class RolloutWorker:
         self.weights_checksum: str | None = None
         self._configure_env()
         from vllm import LLM
+
+        # vLLM warns once per weight when it casts a checkpoint to the engine's dtype; when that
+        # dtype is the one configured, the cast is what was asked for: one line says it instead.
+        self._casts = _RequestedCasts(self.cfg.dtype)
+        logging.getLogger("vllm.model_executor.models.utils").addFilter(self._casts)
 
         kwargs: dict[str, Any] = {}
         if _on_cpu():
@@ -78,10 +103,13 @@ class RolloutWorker:
             worker_extension_cls="rollout.weight_sync.WeightSyncExtension",
             **kwargs,
         )
+        if self._casts.count:
+            logger.warning("%s: %d weights cast to %s on load (rollout.dtype)", self.cfg.model, self._casts.count, self.cfg.dtype)
 
     def _configure_env(self) -> None:
         # In-process engine: seconds to start instead of tens, and no orphaned EngineCore.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", self.cfg.log_level.upper())
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.cfg.kv_cache_gib))))
         if self.cfg.cpu_threads_bind == "all":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")

@@ -259,3 +259,29 @@ def test_hf_samples_continue_one_shared_prompt_pass_exactly(tiny_model_dir, prom
         for s in many.samples:
             assert s.token_ids == ref.token_ids and max_diff(s.logprobs, ref.logprobs) < 1e-5
     worker.shutdown()
+
+
+def test_vllm_per_weight_cast_warnings_become_one_count_when_the_cast_was_configured():
+    import logging
+
+    from rollout.vllm_worker import _RequestedCasts
+
+    log = logging.getLogger("test.vllm_casts")
+    casts = _RequestedCasts("bfloat16")
+    log.addFilter(casts)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        msg = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+        log.warning(msg, "layers.0.mlp.down_proj.weight", torch.float32, torch.bfloat16)
+        log.warning(msg, "layers.1.mlp.down_proj.weight", torch.float32, torch.bfloat16)
+        # A cast to another dtype than the configured one is still reported, as is anything else.
+        log.warning(msg, "lm_head.weight", torch.float32, torch.float16)
+        log.warning("Loaded %d weights", 3)
+    finally:
+        log.removeHandler(handler)
+        log.removeFilter(casts)
+    assert casts.count == 2
+    assert seen == ["Attempted to load weight lm_head.weight with dtype torch.float32 into parameter with dtype torch.float16", "Loaded 3 weights"]
