@@ -76,8 +76,12 @@ class RolloutWorker:
 
         # vLLM warns once per weight when it casts a checkpoint to the engine's dtype; when that
         # dtype is the one configured, the cast is what was asked for: one line says it instead.
+        # One filter per process: a later worker's replaces an earlier one's.
+        casts_log = logging.getLogger("vllm.model_executor.models.utils")
+        for old in [f for f in casts_log.filters if isinstance(f, _RequestedCasts)]:
+            casts_log.removeFilter(old)
         self._casts = _RequestedCasts(self.cfg.dtype)
-        logging.getLogger("vllm.model_executor.models.utils").addFilter(self._casts)
+        casts_log.addFilter(self._casts)
 
         kwargs: dict[str, Any] = {}
         if _on_cpu():
