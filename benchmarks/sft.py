@@ -1,14 +1,21 @@
 """SFT benchmark: what the SFT job does to a model's tool calling, and what it costs.
 
-    python -m benchmarks.sft --tier tiny     # tiny Llama from scratch on the tool world
-    python -m benchmarks.sft --tier smol     # LoRA on SmolLM2-135M-Instruct
-    python -m benchmarks.sft --tier tiny --trial NAME --set train.max_steps=8000   # a variant
+Settings are chosen on the validation split; the test split is scored once per recorded tier:
 
-Each tier trains with its config (``configs/<tier>/sft.yaml``) from scratch, and the SFT job
-then evaluates the final checkpoint on the held-out test split of the *same* tool world (so no
-test query was seen in training). The smol tier also evaluates the base model first, the same way.
-Writes ``benchmarks/results/sft.json`` (one key per tier; a trial, the tier's config with
-``--set`` overrides, under ``trials``) and a section of ``RESULTS.md``.
+    python -m benchmarks.sft --tier tiny --trial NAME [--set k=v ...]  # train, score validation only
+    python -m benchmarks.sft --tier tiny --promote NAME   # the trial becomes the tier: test scored once
+    python -m benchmarks.sft --tier tiny                  # the tier's config: train, validation, test once
+
+A trial is the tier's config (``configs/<tier>/sft.yaml``) with ``--set`` overrides. Promoting one
+needs the config file to hold its settings already (the command names any key that differs); it
+reuses the trial's run, scores the test split and records that it was promoted. The test split
+of a run is scored at most once: a second recording of the same run reads the first score back.
+``--reuse`` takes a finished run of the same config instead of training again. The smol tier
+also scores the base model on the test split (once). Every rate carries a bootstrap 95%
+interval over tasks; a subset of fewer than 30 tasks is flagged ``small``.
+
+Writes ``benchmarks/results/sft.json`` (one key per tier, trials under ``trials``, each with a
+``provenance`` written here) and a section of ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -16,137 +23,254 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, write_result
 from ray_jobs.evaluate import run_evaluation
-from ray_jobs.sft import SFTConfig, evaluation_config, run_sft
-from tooltune.config import ConfigError, load_config
+from ray_jobs.sft import RUN_INDEPENDENT_KEYS, SFTConfig, evaluation_config, run_sft
+from tooltune.config import ConfigError, config_changes, dump_config, load_config
 from tooltune.episode import Episode
-from tooltune.metrics import miss_breakdown, pair_episodes
+from tooltune.metrics import metric_intervals, miss_breakdown, pair_episodes
+from tooltune.provenance import provenance
 from tooltune.world import generate_world
 
 RESULTS = Path(__file__).parent / "results"
+RUNS = Path("runs/bench-sft")
+RATES = ("call_validity", "tool_selection_accuracy", "argument_accuracy", "over_call_rate", "under_call_rate", "final_answer_accuracy")
+SMALL = 30  # a subset of fewer tasks than this is flagged: its interval is wide
 
 
-def needed_tool_subset(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("call_validity", "tool_selection_accuracy", "argument_accuracy", "over_call_rate", "under_call_rate", "final_answer_accuracy")
-    return {k: metrics[k] for k in keys} | {
-        "seen": {k: metrics["seen"][k] for k in keys},
-        "unseen": {k: metrics["unseen"][k] for k in keys},
-    }
+def run_dir(tier: str, trial: str | None) -> Path:
+    return RUNS / (f"{tier}-trial-{trial}" if trial else tier)
 
 
-def finished_run(sft: SFTConfig) -> dict[str, Any] | None:
-    """A completed SFT run of exactly this config, if the output directory holds one."""
+def bench_config(tier: str, out: Path, overrides: Sequence[str] = ()) -> SFTConfig:
+    """The tier's config with ``overrides``, writing to ``out``; the benchmark scores the run itself."""
+    return load_config(f"configs/{tier}/sft.yaml", SFTConfig, [*overrides, f"output_dir={out}", "evaluation.enabled=false"])
+
+
+def run_changes(sft: SFTConfig) -> list[str] | None:
+    """How ``sft`` differs from the run its output directory holds (keys that change a run);
+    ``None`` when the directory holds no finished run."""
     out = Path(sft.output_dir)
     try:
         done = json.loads((out / "result.json").read_text())
-        same = load_config(out / "config.yaml", SFTConfig) == sft
+        saved = dump_config(load_config(out / "config.yaml", SFTConfig))
     except (OSError, ValueError, ConfigError):
         return None
-    return done if same and done["completed_steps"] == done["steps"] else None
+    if done["completed_steps"] != done["steps"]:
+        return None
+    return config_changes(saved, dump_config(sft), RUN_INDEPENDENT_KEYS)
 
 
-def misses(sft: SFTConfig, eval_dir: Path) -> dict[str, Any]:
-    """Where the evaluated checkpoint's exact calls fail (``metrics.miss_breakdown``), from the
-    episodes the evaluation wrote and the test split of the run's world."""
+def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: Path, label: str) -> dict[str, Any]:
+    """``model`` on ``split`` of the run's world: the rates overall, on seen and on unseen tools,
+    each with a bootstrap 95% interval over tasks, and where exact calls fail. Scored at most once
+    per directory: an earlier score of the same model and tasks is read back, not recomputed."""
+    cfg = evaluation_config(sft.model_copy(update={"evaluation": sft.evaluation.model_copy(update={"limit": limit})}), model, eval_dir, label, split)
+    previous = eval_dir / "metrics.json"
+    same = previous.exists() and json.loads(previous.read_text())["config"] == cfg.model_dump(mode="json")
+    if not same:
+        shutil.rmtree(eval_dir, ignore_errors=True)
+        run_evaluation(cfg)
+    metrics = json.loads(previous.read_text())["world"][split]
     lines = (eval_dir / "episodes.jsonl").read_text(encoding="utf-8").splitlines()
-    episodes = [Episode.from_dict(json.loads(line)) for line in lines]
-    tasks = {t.id: t for t in generate_world(sft.data.world)["test"]}
-    return miss_breakdown(pair_episodes([tasks[e.task_id] for e in episodes], episodes))
+    episodes = [Episode.from_dict(json.loads(line)) for line in lines if json.loads(line)["source"] == split]
+    tasks = {t.id: t for t in generate_world(sft.data.world)[split]}
+    pairs = pair_episodes([tasks[e.task_id] for e in episodes], episodes)
+    result: dict[str, Any] = {"split": split, "n_tasks": metrics["n_tasks"], "scored_once_in": str(eval_dir)}
+    for subset, chosen in (("all", pairs), ("seen", [p for p in pairs if not p[0].unseen_tools]), ("unseen", [p for p in pairs if p[0].unseen_tools])):
+        shown = metrics if subset == "all" else metrics[subset]
+        intervals = metric_intervals(chosen)
+        result[subset] = {
+            k: {"value": shown[k], "ci95": intervals[k]["ci"] if intervals else None, "n": intervals[k]["n"] if intervals else 0}
+            | ({"small": True} if intervals and 0 < intervals[k]["n"] < SMALL else {})
+            for k in RATES
+        }
+    result["misses"] = miss_breakdown(pairs)
+    return result
 
 
-def run_tier(tier: str, eval_limit: int | None, reuse: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    sft = load_config(f"configs/{tier}/sft.yaml", SFTConfig, overrides)
-    sft.evaluation.enabled, sft.evaluation.limit = True, eval_limit
-    out = Path(sft.output_dir)
-    previous = finished_run(sft) if reuse else None
-    if previous is None:
-        shutil.rmtree(out, ignore_errors=True)
-    result: dict[str, Any] = {"config": f"configs/{tier}/sft.yaml", "overrides": list(overrides)}
-    if tier == "smol":
-        base = run_evaluation(evaluation_config(sft, "smollm2", out / "eval_base", "SmolLM2-135M-Instruct (base)"))["world"]["test"]
-        result["base_call_validity"] = base["call_validity"] or 0.0
-        result["base"] = needed_tool_subset(base)
-    trained = previous or run_sft(sft)
-    after = trained["evaluation"]
-    seen = after["seen"]
-    result |= {
-        # Held-out needed-tool queries with tools seen in training; unseen tools are reported apart.
-        "exact_call_accuracy": seen["argument_accuracy"],
-        "exact_call_accuracy_unseen_tools": after["unseen"]["argument_accuracy"],
-        "call_validity": after["call_validity"],
-        "over_call_rate": after["over_call_rate"],
-        "wall_seconds": trained["wall_seconds"],
+def training_summary(trained: dict[str, Any], out: Path) -> dict[str, Any]:
+    history = trained["history"]
+    prov = out / "provenance.json"
+    return {
         "steps": trained["steps"],
-        "final_train_loss": trained["history"][-1]["train/loss"],
-        "final_validation_loss": next((h["validation/loss"] for h in reversed(trained["history"]) if "validation/loss" in h), None),
-        "eval_tasks": after["n_tasks"],
+        "wall_seconds": trained["wall_seconds"],
+        "final_train_loss": history[-1]["train/loss"],
+        "final_validation_loss": next((h["validation/loss"] for h in reversed(history) if "validation/loss" in h), None),
         # The tool loop on validation tasks during training (evaluation.during_training_every).
         "during_training": [
             {"step": h["step"], "call_validity": h["tool_eval/call_validity"], "exact_calls": h["tool_eval/argument_accuracy"]}
-            for h in trained["history"]
+            for h in history
             if "tool_eval/argument_accuracy" in h
         ],
-        "after": needed_tool_subset(after),
-        "misses": misses(sft, out / "eval"),
+        "training_provenance": json.loads(prov.read_text()) if prov.exists() else None,
     }
+
+
+def train(sft: SFTConfig, reuse: bool) -> dict[str, Any]:
+    out = Path(sft.output_dir)
+    if reuse and run_changes(sft) == []:
+        return json.loads((out / "result.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return run_sft(sft)
+
+
+def headline(test: dict[str, Any]) -> dict[str, Any]:
+    """The tier's quoted numbers: exact calls on seen tools (unseen apart), validity, over-call."""
+    return {
+        "exact_call_accuracy": test["seen"]["argument_accuracy"]["value"],
+        "exact_call_accuracy_ci95": test["seen"]["argument_accuracy"]["ci95"],
+        "exact_call_accuracy_unseen_tools": test["unseen"]["argument_accuracy"]["value"],
+        "exact_call_accuracy_unseen_tools_ci95": test["unseen"]["argument_accuracy"]["ci95"],
+        "unseen_needed_tool_tasks": test["unseen"]["argument_accuracy"]["n"],
+        "call_validity": test["all"]["call_validity"]["value"],
+        "call_validity_ci95": test["all"]["call_validity"]["ci95"],
+        "over_call_rate": test["all"]["over_call_rate"]["value"],
+        "over_call_rate_ci95": test["all"]["over_call_rate"]["ci95"],
+    }
+
+
+def record_trial(tier: str, name: str, overrides: Sequence[str], reuse: bool) -> dict[str, Any]:
+    out = run_dir(tier, name)
+    sft = bench_config(tier, out, overrides)
+    trained = train(sft, reuse)
+    checkpoint = trained["checkpoint"]
+    validation = score(sft, checkpoint, "validation", None, out / "eval_validation", f"{tier} trial {name}")
+    return {
+        "config": f"configs/{tier}/sft.yaml",
+        "overrides": list(overrides),
+        "selected_on": "validation",
+        **training_summary(trained, out),
+        "validation": validation,
+        "provenance": provenance(sft, overrides, out, machine_info()["machine"]),
+    }
+
+
+def record_tier(tier: str, eval_limit: int | None, trial: dict[str, Any] | None, trial_name: str | None, reuse: bool) -> dict[str, Any]:
+    """The tier's config trained (or the promoted trial's run), scored on validation, then on test once."""
+    out = Path(trial["provenance"]["run_dir"]) if trial else run_dir(tier, None)
+    sft = bench_config(tier, out)
+    if trial:
+        changes = run_changes(sft)
+        if changes is None:
+            raise SystemExit(f"error: trial {tier}/{trial_name}: no finished run in {out} to promote")
+        if changes:
+            raise SystemExit(
+                f"error: trial {tier}/{trial_name} differs from configs/{tier}/sft.yaml in {'; '.join(changes)}: "
+                "put its settings in the config file first"
+            )
+        trained = json.loads((out / "result.json").read_text())
+    else:
+        trained = train(sft, reuse)
+    label = f"{tier} SFT"
+    result: dict[str, Any] = {
+        "config": f"configs/{tier}/sft.yaml",
+        "overrides": [],
+        "selected_on": "validation",
+        "promoted_from": f"{tier}/{trial_name}" if trial else None,
+        **training_summary(trained, out),
+        "validation": score(sft, trained["checkpoint"], "validation", None, out / "eval_validation", label),
+    }
+    test = score(sft, trained["checkpoint"], "test", eval_limit, out / "eval_test", label)
+    result |= headline(test) | {"test": test}
+    if tier == "smol":
+        base = score(sft, "smollm2", "test", eval_limit, RUNS / "smol-base" / "eval_test", "SmolLM2-135M-Instruct (base)")
+        result["base"] = {"call_validity": base["all"]["call_validity"]["value"] or 0.0, "test": base}
+    result["provenance"] = provenance(sft, [], out, machine_info()["machine"])
     return result
+
+
+def _rate(cell: dict[str, Any]) -> str:
+    if cell["value"] is None:
+        return "–"
+    ci = f" [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]" if cell.get("ci95") else ""
+    small = f" (n={cell['n']}, small)" if cell.get("small") else ""
+    return f"{cell['value']:.3f}{ci}{small}"
 
 
 def summary(results: dict[str, Any]) -> str:
     lines = [
-        "| tier | steps | train wall s | base validity | validity (all) | validity (seen tools) | exact calls (seen tools) | exact (unseen tools) | over-call | run (UTC) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Test split, scored once per tier (rates with bootstrap 95% intervals over tasks); settings chosen on validation.",
+        "",
+        "| tier | steps | train wall s | base validity | validity (all) | exact calls (seen tools) | exact calls (unseen tools) | over-call | validation exact (seen) | promoted from | run (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    runs = [(tier, results.get(tier)) for tier in ("tiny", "smol")]
-    runs += [(f"trial {name}: {' '.join(r['overrides'])}", r) for name, r in results.get("trials", {}).items()]
-    for tier, r in runs:
+    for tier in ("tiny", "smol"):
+        r = results.get(tier)
         if not r:
             continue
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        t, v = r["test"], r["validation"]
+        base = f"{r['base']['call_validity']:.3f}" if r.get("base") else "–"
         lines.append(
-            f"| {tier} | {r['steps']} | {r['wall_seconds']:.0f} | {fmt(r.get('base_call_validity'))} | {fmt(r['call_validity'])} "
-            f"| {fmt(r['after']['seen']['call_validity'])} "
-            f"| {fmt(r['exact_call_accuracy'])} | {fmt(r['exact_call_accuracy_unseen_tools'])} | {fmt(r['over_call_rate'])} "
-            f"| {r.get('date', '')[:16].replace('T', ' ')} |"
+            f"| {tier} | {r['steps']} | {r['wall_seconds']:.0f} | {base} | {_rate(t['all']['call_validity'])} "
+            f"| {_rate(t['seen']['argument_accuracy'])} | {_rate(t['unseen']['argument_accuracy'])} | {_rate(t['all']['over_call_rate'])} "
+            f"| {_rate(v['seen']['argument_accuracy'])} | {r.get('promoted_from') or '–'} | {r['provenance']['date'][:16].replace('T', ' ')} |"
         )
-    for tier, r in runs:
-        if r and r.get("misses"):
-            tools = ", ".join(f"{k} {v['first_wrong']}/{v['expected_calls']}" for k, v in r["misses"]["by_tool"].items())
-            cats = ", ".join(f"{k} {v['missed']}/{v['tasks']}" for k, v in r["misses"]["by_category"].items())
-            lines += ["", f"{tier}, exact-call misses: by category (missed/tasks) {cats}; by tool (calls wrong or missing in the first wrong step / calls expected) {tools}."]
+    trials = results.get("trials", {})
+    if trials:
+        lines += [
+            "",
+            "Trials, validation split only:",
+            "",
+            "| trial | overrides | steps | train wall s | validity (all) | exact calls | over-call | run (UTC) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in trials.items():
+            v = r["validation"]["all"]
+            lines.append(
+                f"| {name} | {' '.join(r['overrides']) or '(the config file)'} | {r['steps']} | {r['wall_seconds']:.0f} | {_rate(v['call_validity'])} "
+                f"| {_rate(v['argument_accuracy'])} | {_rate(v['over_call_rate'])} | {r['provenance']['date'][:16].replace('T', ' ')} |"
+            )
+    for tier in ("tiny", "smol"):
+        r = results.get(tier)
+        if r and r["test"].get("misses"):
+            m = r["test"]["misses"]
+            tools = ", ".join(f"{k} {v['first_wrong']}/{v['expected_calls']}" for k, v in m["by_tool"].items())
+            cats = ", ".join(f"{k} {v['missed']}/{v['tasks']}" for k, v in m["by_category"].items())
+            lines += ["", f"{tier}, exact-call misses on test: by category (missed/tasks) {cats}; by tool (calls wrong or missing in the first wrong step / calls expected) {tools}."]
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", choices=["tiny", "smol"], required=True)
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N test tasks")
-    parser.add_argument("--reuse", action="store_true", help="evaluate a finished run of the same config instead of training again")
-    parser.add_argument("--trial", help="record the run as trials[TIER/NAME], not as the tier's result")
+    parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test tasks")
+    parser.add_argument("--reuse", action="store_true", help="take a finished run of the same config instead of training again")
+    parser.add_argument("--trial", help="record the run as trials[TIER/NAME], scored on validation only")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (a trial only)")
-    args = parser.parse_args()
+    parser.add_argument("--promote", metavar="NAME", help="record trial TIER/NAME as the tier: its test split scored once")
+    args = parser.parse_args(argv)
     if args.set and not args.trial:
         parser.error("--set changes the tier's config: name the run with --trial")
-    tier = run_tier(args.tier, args.eval_limit, args.reuse, args.set)
-    # Read after the run: the other tier may have finished in the meantime.
+    if args.trial and args.promote:
+        parser.error("--trial and --promote: record the trial first, then promote it")
     path = RESULTS / "sft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.pop("note", None)  # a note belongs to the run it was written for
-    info = machine_info()
-    # Each tier keeps the date and load of its own run; the top level is the latest run's.
-    run = tier | {"date": info["date"], "load_avg_1_5_15": info["machine"].get("load_avg_1_5_15")}
     if args.trial:
-        results.setdefault("trials", {})[f"{args.tier}/{args.trial}"] = run
+        key, run = f"{args.tier}/{args.trial}", record_trial(args.tier, args.trial, args.set, args.reuse)
     else:
-        results[args.tier] = run
-    results |= info
+        trial = results.get("trials", {}).get(f"{args.tier}/{args.promote}") if args.promote else None
+        if args.promote and trial is None:
+            sys.exit(f"error: no trial {args.tier}/{args.promote} in {path}: record it with --trial first")
+        key, run = args.tier, record_tier(args.tier, args.eval_limit, trial, args.promote, args.reuse)
+    # Read again after the run: another tier may have been recorded in the meantime. Entries
+    # without provenance were recorded before this benchmark wrote one: they are dropped.
+    results = json.loads(path.read_text()) if path.exists() else {}
+    trials = {k: v for k, v in results.get("trials", {}).items() if "provenance" in v}
+    results = {k: v for k, v in results.items() if isinstance(v, dict) and "provenance" in v and k in ("tiny", "smol")}
+    if args.trial:
+        trials[key] = run
+    else:
+        results[key] = run
+    results["trials"] = trials
+    results |= machine_info()
     write_result("sft", results, summary(results))
-    print(json.dumps(run, indent=2))
+    print(json.dumps({k: v for k, v in run.items() if k not in ("validation", "test", "base")}, indent=2))
 
 
 if __name__ == "__main__":

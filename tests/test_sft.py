@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ray_jobs.sft import SFTConfig, run_sft
+from tooltune.config import ConfigError
 
 WORDS = "tools call the weather in paris is sunny and the answer to the question is forty two".split()
 
@@ -51,10 +52,27 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b_and_resume_is_exact(tmp_path,
     cut = config(tmp_path, text_file, "cut", ranks=1, micro=8)
     first = run_sft(cut, stop_after=2)
     assert [h["step"] for h in first["history"]] == [1, 2]
+    # A crash after step 3 was logged but before it was saved: the resumed run logs it again.
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 3, "train/loss": 9.9}) + "\n")
+    # A resume with a config that changes the run is refused, naming the keys, and trains nothing.
+    changed = cut.model_copy(update={"learner": cut.learner.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(ConfigError, match=r"checkpoint step-000002 was trained with another config: learner.lr \(0.003 -> 0.001\)"):
+        run_sft(changed)
     resumed = run_sft(cut)
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     assert losses(first) + losses(resumed) == pytest.approx(losses(one), rel=1e-6, abs=1e-7)
     assert resumed["checkpoint"].endswith("step-000004/model")
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and logged[2]["train/loss"] == pytest.approx(losses(one)[2], rel=1e-6)
+    # A finished run says so instead of reporting its old checkpoint as new ...
+    with pytest.raises(ConfigError, match=r"already finished \(step 4 of 4"):
+        run_sft(cut)
+    # ... and trains again from scratch with resume=false (the old checkpoints are gone).
+    again = run_sft(cut.model_copy(update={"resume": False, "train": cut.train.model_copy(update={"max_steps": 2})}))
+    assert [h["step"] for h in again["history"]] == [1, 2] and again["checkpoint"].endswith("step-000002/model")
+    assert losses(again) == pytest.approx(losses(one)[:1] + [losses(again)[1]], rel=1e-6)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
 
 
 @pytest.mark.slow

@@ -58,6 +58,26 @@ def test_same_seed_gives_the_same_tasks_in_another_process(world):
     assert out.stdout.strip() == rows_digest(world)
 
 
+@pytest.mark.parametrize(
+    "knob",
+    [
+        {"n_train": 500},
+        {"no_tool_fraction": 0.3},
+        {"synthetic_tools": 40, "synthetic_share": 0.5},
+        {"synthetic_tools": 40, "synthetic_share": 0.3, "builtin_distractor_share": 0.5},
+    ],
+)
+def test_a_training_knob_leaves_validation_and_test_byte_identical(tmp_path, world, knob):
+    other = generate_world(CFG.model_copy(update=knob))
+    assert other["train"] != world["train"]
+    write_world(world, tmp_path / "a")
+    write_world(other, tmp_path / "b")
+    for split in ("validation", "test"):
+        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+    # And the test split does not move with validation's size either.
+    assert generate_world(CFG.model_copy(update={"n_validation": 10}))["test"] == world["test"]
+
+
 def test_split_sizes_and_no_tool_shares(world):
     assert [len(world[s]) for s in ("train", "validation", "test")] == [300, 60, 120]
     stats = world_stats(world)

@@ -43,15 +43,14 @@ def test_call_fits_the_schema_and_its_values_are_in_the_query(seed):
         assert tool.obj in query
 
 
-def test_world_uses_them_in_train_and_validation_only():
+def test_world_uses_them_in_train_only():
     world = generate_world(CFG)
     names = {t.name for t in synthetic_tools(CFG.synthetic_tools, CFG.seed)}
-    for split in ("train", "validation"):
-        needed = [t for t in world[split] if t.needs_tool]
-        calling = [t for t in needed if t.expected_calls[0][0].name in names]
-        # Exact counts: the share of the needed-tool tasks, rounded once.
-        assert len(calling) == round(len(needed) * CFG.synthetic_share)
-    for task in world["test"]:
+    needed = [t for t in world["train"] if t.needs_tool]
+    calling = [t for t in needed if t.expected_calls[0][0].name in names]
+    # Exact counts: the share of the needed-tool tasks, rounded once.
+    assert len(calling) == round(len(needed) * CFG.synthetic_share)
+    for task in world["validation"] + world["test"]:
         assert not {tool["function"]["name"] for tool in task.tools} & names
     registry = world_registry(CFG)
     task = next(t for t in world["train"] if t.needs_tool and t.expected_calls[0][0].name in names)

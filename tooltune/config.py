@@ -194,3 +194,18 @@ def save_config(cfg: StrictModel, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     return p
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, as ``key (old -> new)``;
+    a key under one of ``ignore`` (dotted prefixes) is left out."""
+    skip = tuple(ignore)
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(data, dict) and data:
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: data}
+
+    a, b = flat(old), flat(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if not any(k == s or k.startswith(s + ".") for s in skip)]
+    return [f"{k} ({a.get(k, '<unset>')} -> {b.get(k, '<unset>')})" for k in keys if a.get(k, "<unset>") != b.get(k, "<unset>")]

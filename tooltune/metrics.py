@@ -140,6 +140,50 @@ def _summary(pairs: list[tuple[Task, Episode]]) -> dict[str, Any]:
     }
 
 
+# The rates of ``_summary`` as per-task (hits, denominator) counts, so tasks can be resampled.
+def _task_counts(task: Task, episode: Episode) -> dict[str, tuple[int, int]]:
+    needed = int(task.needs_tool)
+    attempts = [turn for turn in episode.turns if turn.attempted_call]
+    return {
+        "call_validity": (sum(turn.failure is None for turn in attempts), len(attempts)),
+        "tool_selection_accuracy": (needed and int(tool_names_match(task, episode)), needed),
+        "argument_accuracy": (needed and int(calls_match_exactly(task, episode)), needed),
+        "over_call_rate": (int(not needed and episode.attempted_call), 1 - needed),
+        "under_call_rate": (int(needed and not episode.attempted_call), needed),
+        "final_answer_accuracy": (int(answer_is_correct(task, episode)), 1),
+    }
+
+
+def bootstrap_interval(
+    hits: list[float], totals: list[float], resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``sum(hits) / sum(totals)`` over items drawn with
+    replacement (a task is one item, whatever its denominator). Resamples with an empty
+    denominator are dropped; ``None`` when every item's total is 0."""
+    import numpy as np
+
+    h, t = np.asarray(hits, dtype=float), np.asarray(totals, dtype=float)
+    if not t.sum():
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(h), size=(resamples, len(h)))
+    num, den = h[idx].sum(axis=1), t[idx].sum(axis=1)
+    stats = num[den > 0] / den[den > 0]
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def metric_intervals(pairs: list[tuple[Task, Episode]], resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """A bootstrap interval over tasks (``bootstrap_interval``) for each rate of the module
+    docstring, with the tasks behind it (``n``: those with a non-empty denominator)."""
+    counts = [_task_counts(t, e) for t, e in pairs]
+    out: dict[str, Any] = {}
+    for key in counts[0] if counts else ():
+        hits, totals = [c[key][0] for c in counts], [c[key][1] for c in counts]
+        interval = bootstrap_interval(hits, totals, resamples, level, seed)
+        out[key] = {"ci": None if interval is None else [round(interval[0], 4), round(interval[1], 4)], "n": sum(t > 0 for t in totals)}
+    return out
+
+
 def pair_episodes(tasks: list[Task], episodes: list[Episode]) -> list[tuple[Task, Episode]]:
     """Each task with its one episode; a missing, extra or repeated episode is an error."""
     by_id: dict[str, Episode] = {}

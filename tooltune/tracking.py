@@ -1,8 +1,10 @@
-"""The one metrics logger: JSON lines (always) and TensorBoard (when available)."""
+"""The one metrics logger: JSON lines (always) and TensorBoard (when asked for and installed)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,23 @@ class MetricsLogger:
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # the tensorboard package is missing: JSON lines only
+                logging.getLogger(__name__).warning("no TensorBoard logs (%s); metrics.jsonl only", e)
+            else:
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+    def rewind(self, step: int) -> None:
+        """Drop the lines of steps after ``step`` (a run resumed from ``step`` logs them again),
+        so ``metrics.jsonl`` holds one line per step."""
+        path = self.dir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")

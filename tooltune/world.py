@@ -5,9 +5,8 @@ verbatim (dates ISO, numbers as JSON writes them), so even a tiny model trained 
 can learn to copy. The training split is mostly tasks that need a tool (``no_tool_fraction``
 0.1): SFT on it teaches a model to over-call, which the PPO stage then corrects. The test split
 also holds tasks whose tools (``UNSEEN_TOOLS``) never appear in train or validation. With
-``synthetic_tools``, train and validation also call (and offer as distractors) procedurally
-generated tools (``world_synthetic``), so a model learns to read schemas; the test split never
-holds them.
+``synthetic_tools``, train also calls (and offers as distractors) procedurally generated tools
+(``world_synthetic``), so a model learns to read schemas; validation and test never hold them.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ class WorldConfig(StrictModel):
     multi_step_share: float = Field(0.25, ge=0, le=1)
     distractor_tools: NonNegativeInt = 2
     unseen_test_fraction: float = Field(0.1, ge=0, le=1)
-    # Procedurally generated tools (train and validation only; see world_synthetic): this many
+    # Procedurally generated tools (train only; see world_synthetic): this many
     # tools, called by this share of the needed-tool tasks; they are distractors there too.
     synthetic_tools: NonNegativeInt = 0
     synthetic_share: float = Field(0.0, ge=0, le=1)
@@ -81,26 +80,33 @@ def world_registry(cfg: WorldConfig | None = None) -> ToolRegistry:
 
 
 def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
-    """Train, validation and test tasks; no query text appears twice in the whole world."""
-    rng = random.Random(cfg.seed)
+    """Train, validation and test tasks; no query text appears twice in the whole world.
+
+    Each split draws from its own seeded stream, and the evaluation splits are drawn first and
+    from built-in tools only: a training knob (``n_train``, ``no_tool_fraction``, generated tools,
+    their share and distractor odds) leaves validation and test byte-identical, so runs that differ
+    in it are compared on the same tasks. Test comes first: it never depends on validation's size.
+    """
     synthetic = world_synthetic_tools(cfg) if cfg.synthetic_tools else []
     registry = add_synthetic_tools(builtin_registry(), synthetic)
     run = _ground_truth_runner(registry)
     seen_queries: set[str] = set()
     world = {}
     generated = {t.name for t in synthetic}
-    for split, size in zip(SPLITS, (cfg.n_train, cfg.n_validation, cfg.n_test)):
+    sizes = {"train": cfg.n_train, "validation": cfg.n_validation, "test": cfg.n_test}
+    for split in ("test", "validation", "train"):
+        rng = random.Random(f"tooltune-world:{cfg.seed}:{split}")
         tasks = []
-        # The test split is the fixed benchmark: built-in tools only, generated ones are for learning.
-        exclude = generated if split == "test" else set()
-        for index, kind in enumerate(_plan(split, size, cfg, rng)):
+        # Generated tools are for learning; validation and test measure the fixed built-in benchmark.
+        exclude = generated if split != "train" else set()
+        for index, kind in enumerate(_plan(split, sizes[split], cfg, rng)):
             if kind == "synthetic":
                 draft = _draw_synthetic(rng, synthetic, run, seen_queries)
             else:
                 draft = _draw(kind, rng, run, seen_queries)
             tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude, generated))
         world[split] = tasks
-    return world
+    return {split: world[split] for split in SPLITS}
 
 
 def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[str]:
@@ -108,7 +114,7 @@ def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[s
     no_tool = round(size * (cfg.no_tool_fraction if split == "train" else cfg.eval_no_tool_fraction))
     unseen = min(round(size * cfg.unseen_test_fraction), size - no_tool) if split == "test" else 0
     rest = size - no_tool - unseen
-    synthetic = round(rest * cfg.synthetic_share) if split != "test" and cfg.synthetic_tools else 0
+    synthetic = round(rest * cfg.synthetic_share) if split == "train" and cfg.synthetic_tools else 0
     rest -= synthetic
     shares = {"single": cfg.single_share, "parallel": cfg.parallel_share, "multi_step": cfg.multi_step_share}
     counts = {k: int(rest * s) for k, s in shares.items()}

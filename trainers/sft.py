@@ -196,6 +196,8 @@ class SFTTrainer:
         from tqdm import tqdm
 
         start = self.resume() if resume else 0
+        if self.logger:
+            self.logger.rewind(start)
         history: list[dict] = []
         last = min(self.total_steps, stop_after) if stop_after else self.total_steps
         bar = tqdm(range(start, last), desc="sft", initial=start, total=self.total_steps, disable=None)
