@@ -87,8 +87,13 @@ class OtherCpuShare:
         busy1, wall = _busy_seconds(), time.monotonic() - t0
         if busy0 is None or busy1 is None or wall <= 0:
             return
-        others = (busy1 - busy0) - (_own_seconds() - own0)
-        self.value = round(min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1)))), 3)
+        self.value = other_share(busy1 - busy0, _own_seconds() - own0, wall, os.cpu_count() or 1)
+
+
+def other_share(busy_s: float, own_s: float, wall_s: float, cores: int) -> float:
+    """The machine's busy CPU seconds less this process's, as a share of all cores' time, in [0, 1]
+    (the clock ticks of /proc/stat and of os.times can disagree by a tick either way)."""
+    return round(min(1.0, max(0.0, (busy_s - own_s) / (wall_s * cores))), 3)
 
 
 def _busy_seconds() -> float | None:

@@ -57,7 +57,19 @@ class RoleGroup:
         """One actor per rank: ``make_args(rank)`` gives each constructor's arguments."""
         import ray
 
-        return [ray.remote(cls).options(**self.actor_options(r)).remote(*make_args(r)) for r in range(self.cfg.num_ranks)]
+        actors = [ray.remote(cls).options(**self.actor_options(r)).remote(*make_args(r)) for r in range(self.cfg.num_ranks)]
+        self.actors = getattr(self, "actors", []) + actors
+        return actors
+
+    def close(self) -> None:
+        """Kill the actors ``spawn`` made and remove the group: on an attached cluster, neither
+        goes away with the driver."""
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        self.remove()
 
     def remove(self) -> None:
         import ray

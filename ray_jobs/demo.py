@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     steps, seconds = trained["steps"], trained["wall_seconds"]
     print(f"\nheld-out tool-world tasks: {base['n_tasks']}; SFT: {steps} steps in {seconds:.0f} s\n")
     print(metrics_markdown({"before SFT": base, "after SFT": trained["evaluation"]}))
-    tasks = {t.id: t for t in world_tasks(evaluation_config(cfg, trained["checkpoint"], out / "eval"))["test"]}
+    tasks = {t.id: t for t in world_tasks(evaluation_config(cfg, trained["checkpoint"], out / "eval"))[0]["test"]}
     pair = shown_task(out / "eval_base", out / "eval", tasks)
     if pair:
         print("\nOne held-out task, before SFT:\n" + transcript(pair[0]) + "\n\nafter SFT:\n" + transcript(pair[1]))

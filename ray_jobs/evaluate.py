@@ -1,8 +1,9 @@
 """Evaluation job: run the tool loop for real on the tool world's held-out tasks and on BFCL, and report.
 
 1. start (or attach to) Ray and spawn N rollout workers (vLLM engines);
-2. tool world: run every task of the chosen splits through the multi-turn tool loop, sharded
-   across the workers; compute every metric (overall, seen tools, unseen tools);
+2. tool world: run every task of the chosen splits, and of the user's eval files (``files``,
+   see ``tooltune.eval_data``), through the multi-turn tool loop, sharded across the workers;
+   compute every metric (overall, seen tools, unseen tools) per split and per file;
 3. BFCL: its single-turn categories through the same loop with ``max_turns=1``, scored by
    BFCL's own AST checker;
 4. write ``metrics.json``, ``episodes.jsonl``, ``report.md`` and ``metrics.png``.
@@ -26,8 +27,10 @@ from rollout.agent_loop import LoopConfig, Trajectory, run_episodes
 from rollout.vllm_worker import RolloutConfig
 from tooltune.bfcl import BFCL_CATEGORIES, BfclItem, BfclScore, score_bfcl
 from tooltune.config import StrictModel
+from tooltune.data import RowError
 from tooltune.episode import Episode, FailureReason, Task
 from tooltune.models import resolve_model
+from tooltune.parser import decode_tool_calls
 from tooltune.world import SPLITS, WorldConfig, world_registry
 
 
@@ -50,7 +53,11 @@ class EvalConfig(StrictModel):
     rollout: WorkerSettings = WorkerSettings()
     world: WorldConfig | str = WorldConfig()  # generated from this config, or a directory of {split}.parquet
     splits: list[Literal[SPLITS]] = ["test"]  # type: ignore[valid-type]
-    limit: int | None = Field(None, ge=1)  # the first N tasks of each split
+    # The user's eval files (tooltune.eval_data: reference conversations, or prompts with their
+    # expected calls); each is scored as its own task set, "file:<name>", beside the splits.
+    files: list[str] = []
+    files_on_error: Literal["skip", "fail"] = "fail"
+    limit: int | None = Field(None, ge=1)  # the first N tasks of each split and file
     bfcl: BfclEvalConfig = BfclEvalConfig()
     loop: LoopConfig = LoopConfig(sampling={"temperature": 0.0})
     output_dir: str = "runs/evaluate"
@@ -59,6 +66,11 @@ class EvalConfig(StrictModel):
     def _one_episode_per_task(self) -> EvalConfig:
         if self.loop.samples_per_task != 1:
             raise ValueError("loop.samples_per_task must be 1: the metrics pair one episode with each task")
+        if self.loop.max_total_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"loop.max_total_tokens ({self.loop.max_total_tokens}) exceeds rollout.max_model_len "
+                f"({self.rollout.max_model_len}): an episode would outgrow the engine's context"
+            )
         return self
 
 
@@ -73,7 +85,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.time()
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    world = world_tasks(cfg)
+    world, data_errors = world_tasks(cfg)
     bfcl_items = load_bfcl(cfg.bfcl.categories, cfg.bfcl.limit_per_category) if cfg.bfcl.limit_per_category else []
     timing: dict[str, float] = {}
 
@@ -121,6 +133,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / max(timing["world_s"] + timing["bfcl_s"], 1e-9),
         "timing": {k: round(v, 1) for k, v in timing.items()},
+        "data_errors": [str(e) for e in data_errors],
         "config": cfg.model_dump(mode="json"),
     }
     write_outputs(Path(cfg.output_dir), results, world, trajectories, bfcl_items, bfcl_runs, bfcl_scores)
@@ -130,27 +143,44 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 # ---- inputs -----------------------------------------------------------------------------------
 
 
-def world_tasks(cfg: EvalConfig) -> dict[str, list[Task]]:
-    """The tasks of each split to evaluate, the first ``cfg.limit`` of each."""
+def world_tasks(cfg: EvalConfig) -> tuple[dict[str, list[Task]], list[RowError]]:
+    """The tasks of each split, then of each eval file (``file:<name>``), the first ``cfg.limit``
+    of each; and the eval files' rows skipped (``files_on_error="skip"``)."""
+    from tooltune.eval_data import load_eval_tasks
     from tooltune.world import generate_world, load_tasks
 
     if isinstance(cfg.world, WorldConfig):
-        generated = generate_world(cfg.world)
+        generated = generate_world(cfg.world) if cfg.splits else {}
         splits = {split: generated[split] for split in cfg.splits}
     else:
         splits = {split: load_tasks(Path(cfg.world) / f"{split}.parquet") for split in cfg.splits}
-    return {split: tasks[: cfg.limit] for split, tasks in splits.items()}
+    errors: list[RowError] = []
+    for path in cfg.files:
+        tasks, skipped = load_eval_tasks(path, on_error=cfg.files_on_error)
+        splits[f"file:{Path(path).name}"] = tasks
+        errors += skipped
+    return {split: tasks[: cfg.limit] for split, tasks in splits.items()}, errors
 
 
 def score_bfcl_episode(item: BfclItem, episode: Episode) -> BfclScore:
-    """BFCL's verdict on the first turn. A call that decoded but broke the schema or named an
-    unknown function is still a call: BFCL fails it on every category, irrelevance included;
-    malformed JSON is no call at all (an FC server returns it as text)."""
+    """BFCL's verdict on the first turn: the calls the model emitted, judged by BFCL's checker as the
+    leaderboard judges them. A call that decoded is a call even if the parser rejected it (unknown
+    function, or arguments that break the schema we offered): the checker fails a wrong one, and
+    passes a right one whose type BFCL's own answer shares (parallel_multiple_21 and _94 break
+    their schemas); the rejection is reported as ``schema_violation``, beside accuracy. Malformed
+    JSON in any call makes the turn no call at all: vLLM's hermes parser returns such a turn as text."""
     turn = episode.turns[0] if episode.turns else None
-    if turn is not None and turn.failure is not None:
-        if item.category != "irrelevance" or turn.failure in (FailureReason.UNKNOWN_TOOL, FailureReason.INVALID_ARGUMENTS):
-            return BfclScore(False, f"{turn.failure.value}: {turn.failure_detail}")
-    return score_bfcl(item, turn.calls if turn is not None else [])
+    if turn is None or turn.failure is None:
+        return score_bfcl(item, turn.calls if turn is not None else [])  # the parser kept every call
+    emitted, malformed = decode_tool_calls(turn.text)
+    if malformed:
+        score = score_bfcl(item, [])
+        return score if score.correct else BfclScore(False, f"{FailureReason.MALFORMED_JSON.value}: {malformed}")
+    score = score_bfcl(item, emitted)
+    # Without malformed JSON, the parser's first failure is the first schema violation.
+    schema_failures = (FailureReason.UNKNOWN_TOOL, FailureReason.INVALID_ARGUMENTS)
+    violation = f"{turn.failure.value}: {turn.failure_detail}" if turn.failure in schema_failures else None
+    return BfclScore(score.correct, score.error, violation)
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -173,7 +203,10 @@ def write_outputs(
                 row = {"source": split, "category": task.category, "unseen_tools": task.unseen_tools}
                 f.write(json.dumps(row | trajectories[task.id].episode.to_dict(), ensure_ascii=False) + "\n")
         for item, run, score in zip(bfcl_items, bfcl_runs, bfcl_scores):
-            row = {"source": "bfcl", "category": item.category, "bfcl_correct": score.correct, "bfcl_error": score.error}
+            row = {
+                "source": "bfcl", "category": item.category, "bfcl_correct": score.correct, "bfcl_error": score.error,
+                "bfcl_schema_violation": score.schema_violation,
+            }  # fmt: skip
             f.write(json.dumps(row | run.episode.to_dict(), ensure_ascii=False) + "\n")
     (out / "report.md").write_text(report_markdown(results), encoding="utf-8")
     plot_metrics(results, out / "metrics.png")
@@ -198,12 +231,13 @@ def report_markdown(results: dict[str, Any]) -> str:
     bfcl = results["bfcl"]
     if bfcl:
         lines += ["", f"## BFCL (bfcl-eval {bfcl['bfcl_eval_version']}, AST checker)", ""]
-        lines += ["| category | accuracy | correct / total |", "|---|---:|---:|"]
+        # What the model emitted is scored; outputs that broke their schema are counted apart.
+        lines += ["| category | accuracy | correct / total | schema violations |", "|---|---:|---:|---:|"]
         for category, c in bfcl["categories"].items():
-            lines.append(f"| {category} | {100 * c['accuracy']:.1f}% | {c['correct']} / {c['total']} |")
+            lines.append(f"| {category} | {100 * c['accuracy']:.1f}% | {c['correct']} / {c['total']} | {c['schema_violations']} |")
         o = bfcl["overall"]
-        lines.append(f"| **overall** | {100 * o['accuracy']:.1f}% | {o['correct']} / {o['total']} |")
-        lines.append(f"| macro (mean of categories) | {100 * bfcl['macro_accuracy']:.1f}% | |")
+        lines.append(f"| **overall** | {100 * o['accuracy']:.1f}% | {o['correct']} / {o['total']} | {o['schema_violations']} |")
+        lines.append(f"| macro (mean of categories) | {100 * bfcl['macro_accuracy']:.1f}% | | |")
     timing = results["timing"]
     lines += [
         "",

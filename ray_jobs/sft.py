@@ -39,7 +39,8 @@ class SFTEvalSettings(StrictModel):
     during_training_every: int | None = Field(None, ge=1)
     during_training_limit: int = Field(50, ge=1)
     workers: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
-    loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=4096, sampling={"temperature": 0.0})
+    max_model_len: int = Field(2048, ge=16)  # the evaluation engines' context
+    loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=2048, sampling={"temperature": 0.0})
 
 
 class SFTConfig(StrictModel):
@@ -57,6 +58,12 @@ class SFTConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_evaluation(self) -> SFTConfig:
+        # Checked when the config is read, not when the evaluation starts after hours of training.
+        if self.evaluation.loop.max_total_tokens > self.evaluation.max_model_len:
+            raise ValueError(
+                f"evaluation.loop.max_total_tokens ({self.evaluation.loop.max_total_tokens}) exceeds "
+                f"evaluation.max_model_len ({self.evaluation.max_model_len}): an episode would outgrow the engine's context"
+            )
         if self.evaluation.during_training_every:
             if self.data.world is None:
                 raise ValueError("evaluation.during_training_every needs data.world: its validation split is evaluated")
@@ -76,7 +83,7 @@ def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label:
         label=label,
         ray=cfg.ray,
         workers=cfg.evaluation.workers,
-        rollout=WorkerSettings(dtype=cfg.learner.dtype),
+        rollout=WorkerSettings(dtype=cfg.learner.dtype, max_model_len=cfg.evaluation.max_model_len),
         world=cfg.data.world,
         splits=[split],
         limit=cfg.evaluation.limit,
@@ -192,11 +199,14 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
     with local_ray(cfg.ray):
         group = LearnerGroup("sft-learners", cfg.learners, learner)
-        trainer = SFTTrainer(
-            group, tokenizer, train, validation, cfg.train, out, logger, *periodic_tool_eval(cfg, group, tokenizer)
-        )
-        history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
-        group.shutdown()
+        # On an attached cluster the learners outlive a driver that fails unless shut down.
+        try:
+            trainer = SFTTrainer(
+                group, tokenizer, train, validation, cfg.train, out, logger, *periodic_tool_eval(cfg, group, tokenizer)
+            )
+            history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
+        finally:
+            group.shutdown()
         train_seconds = time.time() - t0
         final = trainer.ckpt.latest()
         evaluation = None

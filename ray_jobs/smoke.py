@@ -53,29 +53,35 @@ def run_smoke(cfg: SmokeConfig) -> dict:
     batch = tok(TRAIN_TEXT, padding="max_length", max_length=32, truncation=True)["input_ids"]
 
     with local_ray(cfg.ray):
-        (worker,) = RoleGroup("rollout", cfg.rollout).spawn(RolloutWorker, lambda r: ({"model": model_dir},))
-        learner_cfg = {"model": model_dir, "zero_stage": cfg.zero_stage, "lr": cfg.lr, "micro_batch_size": 1}
-        world = cfg.learners.num_ranks
-        learners = RoleGroup("learners", cfg.learners).spawn(Learner, lambda r: (learner_cfg, r, world))
-        addr, port = ray.get(learners[0].master_address.remote())
-        ray.get([lrn.setup.remote(addr, port) for lrn in learners])
+        rollout_group, learner_group = RoleGroup("rollout", cfg.rollout), RoleGroup("learners", cfg.learners)
+        # On an attached cluster, actors and placement groups outlive the driver unless removed.
+        try:
+            (worker,) = rollout_group.spawn(RolloutWorker, lambda r: ({"model": model_dir},))
+            learner_cfg = {"model": model_dir, "zero_stage": cfg.zero_stage, "lr": cfg.lr, "micro_batch_size": 1}
+            world = cfg.learners.num_ranks
+            learners = learner_group.spawn(Learner, lambda r: (learner_cfg, r, world))
+            addr, port = ray.get(learners[0].master_address.remote())
+            ray.get([lrn.setup.remote(addr, port) for lrn in learners])
 
-        generated = ray.get(worker.generate.remote([probe], {"n": 2, "max_tokens": 16, "temperature": 1.0, "seed": 0}))
-        before = ray.get(worker.score.remote([probe]))[0]
+            generated = ray.get(worker.generate.remote([probe], {"n": 2, "max_tokens": 16, "temperature": 1.0, "seed": 0}))
+            before = ray.get(worker.score.remote([probe]))[0]
 
-        # Each rank steps on its own row: the gradient all-reduce makes their updates identical.
-        rows = [{"input_ids": [batch[r % len(batch)]], "loss_mask": [[1] * len(batch[0])]} for r in range(world)]
-        tokens = world * (len(batch[0]) - 1)
-        stats = ray.get([lrn.train_step.remote([rows[r]], tokens) for r, lrn in enumerate(learners)])
-        losses = [s["nll_sum"] / s["tokens"] for s in stats]
-        blobs = ray.get([lrn.weights_blob.remote() for lrn in learners])
-        checksums = {c for _, c in blobs}
-        blob, checksum = blobs[0]
-        ray.get(worker.update_weights.remote(blob, 1, checksum))
+            # Each rank steps on its own row: the gradient all-reduce makes their updates identical.
+            rows = [{"input_ids": [batch[r % len(batch)]], "loss_mask": [[1] * len(batch[0])]} for r in range(world)]
+            tokens = world * (len(batch[0]) - 1)
+            stats = ray.get([lrn.train_step.remote([rows[r]], tokens) for r, lrn in enumerate(learners)])
+            losses = [s["nll_sum"] / s["tokens"] for s in stats]
+            blobs = ray.get([lrn.weights_blob.remote() for lrn in learners])
+            checksums = {c for _, c in blobs}
+            blob, checksum = blobs[0]
+            ray.get(worker.update_weights.remote(blob, 1, checksum))
 
-        after = ray.get(worker.score.remote([probe]))[0]
-        learner_lp = ray.get(learners[0].eval_logprobs.remote([probe]))[0]
-        ray.get(worker.shutdown.remote())
+            after = ray.get(worker.score.remote([probe]))[0]
+            learner_lp = ray.get(learners[0].eval_logprobs.remote([probe]))[0]
+            ray.get(worker.shutdown.remote())
+        finally:
+            rollout_group.close()
+            learner_group.close()
 
     diff_after = max(abs(a - b) for a, b in zip(after, learner_lp))
     diff_before = max(abs(a - b) for a, b in zip(before, learner_lp))

@@ -21,9 +21,10 @@ A turn becomes one of:
 - cut by a token budget (``max_new_tokens``, or ``max_total_tokens`` for the whole sequence,
   tool results included): ``LENGTH``.
 
-Nothing a model writes and no tool aborts the batch. Tools the task offers that the registry
-lacks (BFCL's functions) are checked against the task's schema by the parser and answered with
-``LoopConfig.simulated_tool_result``.
+Nothing a model writes and no tool aborts the batch. A call the task's data answers
+(``Task.tool_results``, from a user's eval file) gets that result. Tools the task offers that the
+registry lacks (BFCL's functions) are checked against the task's schema by the parser and answered
+with ``LoopConfig.simulated_tool_result``.
 
 Messages follow OpenAI's format. An assistant turn whose text is exactly the canonical rendering
 of its calls (what SFT teaches) is stored with ``tool_calls``; any other turn is stored as its
@@ -222,7 +223,10 @@ def _assistant_message(text: str, parsed: ParseResult, call_ids: list[str]) -> d
 
 
 def _execute(call: ToolCall, task: Task, registry: ToolRegistry, cfg: LoopConfig) -> ToolResult:
-    """Run a registry tool; a tool only the task defines (or defines differently) is simulated."""
+    """The task's own result for this call, if its data has one; else run a registry tool; a tool
+    only the task defines (or defines differently) is simulated."""
+    if call.key() in task.tool_results:
+        return ToolResult(content=task.tool_results[call.key()])
     offered = next(t for t in task.tools if t["function"]["name"] == call.name)
     if call.name in registry and registry.get(call.name).schema == offered:
         return registry.execute(call, timeout_s=cfg.tool_timeout_s)

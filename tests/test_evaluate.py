@@ -1,6 +1,7 @@
 """The evaluation job end to end on the tiny model: Ray, a vLLM worker actor, the tool loop, BFCL, reports."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,11 @@ def test_evaluate_job_writes_every_metric_and_bfcl(tmp_path):
     from ray_jobs.evaluate import EvalConfig, run_evaluation
     from tooltune.config import load_config
 
-    cfg = load_config("configs/tiny/evaluate.yaml", EvalConfig, [f"output_dir={tmp_path}"])
+    # The user's own eval file too, with one bad row (skipped and reported, file and row).
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(Path("configs/examples/eval_tasks.jsonl").read_text() + '{"messages": []}\n')
+    overrides = [f"output_dir={tmp_path}", f"files=[{mine}]", "files_on_error=skip"]
+    cfg = load_config("configs/tiny/evaluate.yaml", EvalConfig, overrides)
     results = run_evaluation(cfg)
 
     for name in ("metrics.json", "episodes.jsonl", "report.md", "metrics.png"):
@@ -27,12 +32,16 @@ def test_evaluate_job_writes_every_metric_and_bfcl(tmp_path):
     bfcl = written["bfcl"]
     assert set(bfcl["categories"]) == set(cfg.bfcl.categories)
     assert bfcl["overall"]["total"] == cfg.bfcl.limit_per_category * len(cfg.bfcl.categories)
+    own = written["world"]["file:mine.jsonl"]
+    assert own["n_tasks"] == 5 and all(key in own for key in METRIC_KEYS)
+    assert written["data_errors"] == [f"{mine}:6: no messages"]
     rows = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
-    assert len(rows) == test["n_tasks"] + bfcl["overall"]["total"]
+    assert len(rows) == test["n_tasks"] + own["n_tasks"] + bfcl["overall"]["total"]
+    assert {row["task_id"] for row in rows if row["source"] == "file:mine.jsonl"} == {"stock-1", "stock-2", "flight-1", "flight-2", "no-tool-1"}
     assert all(row["end_reason"] for row in rows)
 
     report = (tmp_path / "report.md").read_text()
-    assert "call validity" in report and "unseen tools" in report and "irrelevance" in report
+    assert "call validity" in report and "unseen tools" in report and "irrelevance" in report and "schema violations" in report
     assert results["world"] == written["world"]
 
 
@@ -42,3 +51,16 @@ def test_evaluate_rejects_several_samples_per_task(tmp_path):
 
     with pytest.raises(ConfigError, match="samples_per_task"):
         load_config("configs/tiny/evaluate.yaml", EvalConfig, ["loop.samples_per_task=2"])
+
+
+def test_a_loop_longer_than_the_engines_context_is_a_config_error():
+    from ray_jobs.evaluate import EvalConfig
+    from ray_jobs.sft import SFTConfig
+    from tooltune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"loop.max_total_tokens \(4096\) exceeds rollout.max_model_len \(2048\)"):
+        load_config("configs/tiny/evaluate.yaml", EvalConfig, ["loop.max_total_tokens=4096"])
+    # The SFT job checks its final evaluation when the config is read, not after training.
+    with pytest.raises(ConfigError, match=r"evaluation.loop.max_total_tokens \(4096\) exceeds evaluation.max_model_len \(2048\)"):
+        load_config("configs/tiny/sft.yaml", SFTConfig, ["evaluation.loop.max_total_tokens=4096"])
+    assert load_config("configs/tiny/sft.yaml", SFTConfig, ["evaluation.loop.max_total_tokens=4096", "evaluation.max_model_len=4096"])

@@ -103,3 +103,16 @@ def test_single_digits_makes_every_digit_one_token_and_a_number_the_same_tokens_
     # The plain tokenizer, trained on the same text, merges digits (the merge differs by context).
     plain = build_tiny_tokenizer(corpus, 320)
     assert len(plain("4154")["input_ids"]) < 4
+
+
+def test_a_run_directory_resolves_to_its_latest_checkpoint(tmp_path):
+    from tooltune.models import resolve_model
+
+    model = tmp_path / "run" / "checkpoints" / "step-000002" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000002")
+    assert resolve_model(str(tmp_path / "run")) == str(model)
+    assert resolve_model(str(model)) == str(model)
+    with pytest.raises(FileNotFoundError, match="not 'tiny', 'smollm2'"):
+        resolve_model(str(tmp_path / "elsewhere"))

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tooltune.episode import FailureReason, ToolCall
-from tooltune.parser import ParseResult, format_tool_calls, parse_assistant_text
+from tooltune.parser import ParseResult, decode_tool_calls, format_tool_calls, parse_assistant_text
 from tooltune.schema import validate_arguments
 from tooltune.tools.builtins import builtin_registry
 
@@ -100,6 +100,23 @@ def test_first_failure_is_reported_and_valid_calls_are_kept():
     assert result.detail.startswith("call 2: calculator: argument $.expr")
 
 
+def test_decode_keeps_the_calls_the_parser_rejects():
+    bad_args = '<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>'
+    unknown = '<tool_call>{"name": "nope", "arguments": "{}"}</tool_call>'
+    text = "Let me see.\n" + "\n".join([PARIS_TEXT, bad_args, unknown, SUM_TEXT])
+    assert decode_tool_calls(text) == ([PARIS, ToolCall("calculator", {"expr": "1"}), ToolCall("nope", {}), SUM], "")
+
+
+def test_decode_reports_the_first_malformed_call_as_the_parser_does():
+    not_a_call = '<tool_call>["calculator"]</tool_call>'
+    bad_string = '<tool_call>{"name": "calculator", "arguments": "{"}</tool_call>'
+    text = "\n".join([PARIS_TEXT, not_a_call, bad_string, SUM_TEXT])
+    assert decode_tool_calls(text) == ([PARIS, SUM], 'call 2: malformed JSON: expected an object with a string "name"')
+    assert parse_assistant_text(text, TOOLS).detail == decode_tool_calls(text)[1]
+    for text in ("", "The answer is 14.", None):
+        assert decode_tool_calls(text) == ([], "")
+
+
 def check_invariants(text: str, result: ParseResult) -> None:
     assert isinstance(result, ParseResult)
     assert isinstance(result.content, str)
@@ -110,6 +127,14 @@ def check_invariants(text: str, result: ParseResult) -> None:
         assert validate_arguments(by_name[call.name], call.arguments) == []
     if "<tool_call>" not in text:
         assert result.calls == []
+    # The unchecked decode of the same text: a superset of the parser's calls, in the same order.
+    decoded, malformed = decode_tool_calls(text)
+    remaining = iter(decoded)
+    assert all(call in remaining for call in result.calls)
+    if result.failure is None:
+        assert (decoded, malformed) == (result.calls, "")
+    if result.failure is FailureReason.MALFORMED_JSON:
+        assert malformed == result.detail
 
 
 json_values = st.recursive(

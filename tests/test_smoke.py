@@ -7,7 +7,20 @@ from ray_jobs.smoke import SmokeConfig, run_smoke
 
 @pytest.mark.slow
 def test_smoke_vllm_logprobs_match_learners_after_weight_update():
-    result = run_smoke(SmokeConfig())
+    import time
+
+    import ray
+
+    from cluster.local import local_ray
+
+    # Ray started here, so the job attaches to it, as under `ray job submit`: whatever the job
+    # leaves behind (actors, placement groups) would keep holding the cluster's CPUs.
+    with local_ray():
+        result = run_smoke(SmokeConfig())
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     assert result["generated_tokens"] > 0
     assert result["ranks_agree"], "ZeRO ranks ended the step with different weights"
     # Before the sync vLLM still serves the old weights: the learners' step must show.

@@ -108,8 +108,14 @@ class BfclItem:
 
 @dataclass(frozen=True)
 class BfclScore:
+    """BFCL's verdict on one item. ``schema_violation`` says how an emitted call broke the tool
+    schema we offered (unknown tool, or arguments that break it), ``None`` when none did. It is
+    reported beside accuracy, not in it: BFCL's checker judges the call as emitted, and a few of
+    BFCL's own answers break their schemas (``parallel_multiple_21`` and ``_94``)."""
+
     correct: bool
     error: str = ""
+    schema_violation: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,27 +348,35 @@ def _first_values(options: dict[str, list[Any]], required: set[str] = frozenset(
 
 
 def bfcl_summary(items: Sequence[BfclItem], scores: Sequence[BfclScore]) -> dict[str, Any]:
-    """Accuracy per category and overall.
+    """Accuracy per category and overall, each with its count of schema-violating outputs.
 
     ``overall`` is micro-averaged (correct / total over all items); ``macro`` is the mean of the
-    category accuracies, closer to how BFCL averages categories.
+    category accuracies, closer to how BFCL averages categories. ``schema_violations`` counts items
+    whose output broke the offered schema, correct or not (see ``BfclScore``).
     """
     if len(items) != len(scores):
         raise ValueError(f"{len(items)} items but {len(scores)} scores")
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for item, score in zip(items, scores):
         totals[item.category][0] += int(score.correct)
         totals[item.category][1] += 1
+        totals[item.category][2] += int(score.schema_violation is not None)
     categories = {
-        c: {"accuracy": ok / n, "correct": ok, "total": n}
-        for c, (ok, n) in sorted(totals.items(), key=lambda kv: _category_order(kv[0]))
+        c: {"accuracy": ok / n, "correct": ok, "total": n, "schema_violations": bad}
+        for c, (ok, n, bad) in sorted(totals.items(), key=lambda kv: _category_order(kv[0]))
     }
     correct = sum(v["correct"] for v in categories.values())
     total = sum(v["total"] for v in categories.values())
+    violations = sum(v["schema_violations"] for v in categories.values())
     return {
         "bfcl_eval_version": BFCL_EVAL_VERSION,
         "categories": categories,
-        "overall": {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total},
+        "overall": {
+            "accuracy": correct / total if total else 0.0,
+            "correct": correct,
+            "total": total,
+            "schema_violations": violations,
+        },
         "macro_accuracy": (sum(v["accuracy"] for v in categories.values()) / len(categories) if categories else 0.0),
     }
 

@@ -70,6 +70,9 @@ class Task:
     category: str = "single"
     unseen_tools: bool = False
     system: str = ""
+    # Results to feed back for calls the task's data answers (a user's eval file), by
+    # ``ToolCall.key()``; not part of ``to_row`` (the tool world runs its tools instead).
+    tool_results: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def needs_tool(self) -> bool:

@@ -167,12 +167,16 @@ def tiny_model(corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None 
 def resolve_model(
     name: str, corpus: Callable[[], list[str]] | None = None, tiny: TinyModelConfig | None = None
 ) -> str:
-    """A checkpoint directory for ``name``: a path, ``"smollm2"`` (converted once, cached), or
-    ``"tiny"`` (built from ``tiny``, its tokenizer fit to ``corpus()`` when given)."""
+    """A checkpoint directory for ``name``: a path, ``"smollm2"`` (converted once, cached),
+    ``"tiny"`` (built from ``tiny``, its tokenizer fit to ``corpus()`` when given), or a training
+    run's directory (its latest checkpoint's ``model``: what ``checkpoints/latest`` names)."""
     if name == "tiny":
         return str(tiny_model(corpus() if corpus else None, tiny))
     if name == "smollm2":
         return str(prepare_smollm2())
+    latest = Path(name) / "checkpoints" / "latest"
+    if latest.is_file():
+        name = str(Path(name) / "checkpoints" / latest.read_text().strip() / "model")
     if not (Path(name) / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r}: not 'tiny', 'smollm2' or a checkpoint directory with config.json")
     return name
@@ -193,7 +197,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def prepare_smollm2(out_dir: str | Path | None = None, force: bool = False) -> Path:
-    """Convert SmolLM2-135M-Instruct (GGUF, dequantized to fp32) into a cached HF checkpoint."""
+    """Convert SmolLM2-135M-Instruct into a cached HF checkpoint. The package ships only the Q4_1
+    GGUF: the weights are dequantised from 4-bit blocks to fp32, so the model is SmolLM2-135M-Instruct
+    as quantised, not the original bf16 release."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tooltune.chat import install_tool_template, needs_tool_template

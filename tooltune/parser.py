@@ -9,6 +9,7 @@ either calls, a final answer, or a ``FailureReason`` with a detail a person can 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,22 +61,51 @@ def parse_assistant_text(text: str, tools: list[dict[str, Any]]) -> ParseResult:
     result = ParseResult()
     content_parts = []
     position = 0
-    number = 0
-    while (start := text.find(TOOL_CALL_OPEN, position)) >= 0:
+    for number, (start, end, call, error) in enumerate(_decoded_calls(text), start=1):
         content_parts.append(text[position:start])
-        number += 1
-        payload, position, error = _read_payload(text, start + len(TOOL_CALL_OPEN))
-        if error is None:
-            call, failure, error = _to_call(payload, offered)
+        position = end
+        if call is None:
+            failure = FailureReason.MALFORMED_JSON
         else:
-            call, failure = None, FailureReason.MALFORMED_JSON
-        if call is not None:
+            failure, error = _check_call(call, offered)
+        if failure is None:
             result.calls.append(call)
         elif result.failure is None:
             result.failure, result.detail = failure, f"call {number}: {error}"
     content_parts.append(text[position:])
     result.content = "".join(content_parts).strip()
     return result
+
+
+def decode_tool_calls(text: str) -> tuple[list[ToolCall], str]:
+    """Every call ``text`` emits, unchecked: ``(calls, malformed)``; never raises on any text.
+
+    A call that names a tool nobody offered or breaks its tool's schema is still a call here, as it
+    is for a function-calling server (which hands it to the client) and for BFCL's checker (which
+    judges it); ``parse_assistant_text`` rejects those. ``malformed`` is the detail of the first
+    payload that does not decode to a name and an arguments object ("" when every one does),
+    worded as ``parse_assistant_text`` words it.
+    """
+    if not isinstance(text, str):
+        return [], ""
+    calls, malformed = [], ""
+    for number, (_, _, call, error) in enumerate(_decoded_calls(text), start=1):
+        if call is not None:
+            calls.append(call)
+        elif not malformed:
+            malformed = f"call {number}: {error}"
+    return calls, malformed
+
+
+def _decoded_calls(text: str) -> Iterator[tuple[int, int, ToolCall | None, str]]:
+    """``(tag start, call end, call or None, error)`` for each ``<tool_call>`` in ``text``, in order."""
+    position = 0
+    while (start := text.find(TOOL_CALL_OPEN, position)) >= 0:
+        payload, position, error = _read_payload(text, start + len(TOOL_CALL_OPEN))
+        call = None
+        if error is None:
+            call, error = _decode_call(payload)
+        yield start, position, call, error
 
 
 def _read_payload(text: str, body_start: int) -> tuple[Any, int, str | None]:
@@ -98,9 +128,10 @@ def _read_payload(text: str, body_start: int) -> tuple[Any, int, str | None]:
     return None, _segment_end(text, body_start), f"malformed JSON: unexpected text after the JSON value at char {after}"
 
 
-def _to_call(payload: Any, offered: dict[str, dict[str, Any]]) -> tuple[ToolCall | None, FailureReason | None, str]:
+def _decode_call(payload: Any) -> tuple[ToolCall | None, str]:
+    """The call a decoded payload asks for, or ``(None, why it is malformed)``; no schema involved."""
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-        return None, FailureReason.MALFORMED_JSON, 'malformed JSON: expected an object with a string "name"'
+        return None, 'malformed JSON: expected an object with a string "name"'
     name = payload["name"]
     arguments = payload.get("arguments", {})
     if isinstance(arguments, str):
@@ -108,18 +139,23 @@ def _to_call(payload: Any, offered: dict[str, dict[str, Any]]) -> tuple[ToolCall
         try:
             arguments = _DECODER.decode(arguments)
         except (ValueError, RecursionError) as e:
-            return None, FailureReason.MALFORMED_JSON, f"{name}: malformed JSON in arguments string: {_short(e)}"
+            return None, f"{name}: malformed JSON in arguments string: {_short(e)}"
     if not isinstance(arguments, dict):
-        return None, FailureReason.MALFORMED_JSON, f'{name}: "arguments" must be a JSON object'
-    if name not in offered:
-        return None, FailureReason.UNKNOWN_TOOL, f"unknown tool {name!r}; offered: {sorted(offered)}"
+        return None, f'{name}: "arguments" must be a JSON object'
+    return ToolCall(name, arguments), ""
+
+
+def _check_call(call: ToolCall, offered: dict[str, dict[str, Any]]) -> tuple[FailureReason | None, str]:
+    """Whether a decoded call names an offered tool and fits its schema: ``(None, "")`` when it does."""
+    if call.name not in offered:
+        return FailureReason.UNKNOWN_TOOL, f"unknown tool {call.name!r}; offered: {sorted(offered)}"
     try:
-        errors = validate_arguments(offered[name], arguments)
+        errors = validate_arguments(offered[call.name], call.arguments)
     except RecursionError:
-        errors = [f"{name}: argument $: nested too deeply to check [rule: depth]"]
+        errors = [f"{call.name}: argument $: nested too deeply to check [rule: depth]"]
     if errors:
-        return None, FailureReason.INVALID_ARGUMENTS, "; ".join(errors)
-    return ToolCall(name, arguments), None, ""
+        return FailureReason.INVALID_ARGUMENTS, "; ".join(errors)
+    return None, ""
 
 
 def _skip_space(text: str, index: int) -> int:

@@ -253,17 +253,23 @@ def write_world(splits: dict[str, list[Task]], out_dir: str | Path) -> dict[str,
 
 
 def load_tasks(path: str | Path) -> list[Task]:
-    """Tasks from a ``.parquet`` file or a ``.jsonl`` file of ``Task.to_row`` rows."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Tasks from a ``.parquet`` file or a ``.jsonl`` file of ``Task.to_row`` rows; a file that
+    cannot be read, or a bad row, is a ``DataError`` naming the file (and row)."""
+    from tooltune.data import DataError, _rows
 
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
-    return [Task.from_row(row) for row in rows]
+    path = Path(path)
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
+        raise DataError(f"{path}: expected a .parquet or .jsonl file of tasks")
+    tasks = []
+    for file, number, row in _rows(path, None):
+        try:
+            if isinstance(row, Exception):
+                raise row
+            tasks.append(Task.from_row(row))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"missing field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+            raise DataError(f"{file}:{number}: not a task row: {reason}") from None
+    return tasks
 
 
 def world_stats(splits: dict[str, list[Task]]) -> dict[str, dict[str, Any]]:

@@ -40,6 +40,10 @@ class LearnerConfig(StrictModel):
     grad_accum_steps: int = Field(1, ge=1)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+    # None: transformers' default (sdpa where torch has it). Packed rows are masked per document
+    # under every choice; "flash_attention_2"/"_3" (needs the flash-attn package) run them as
+    # varlen kernels instead of materialising a block-diagonal mask.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     total_steps: int | None = Field(None, ge=1)
@@ -117,7 +121,8 @@ class Learner:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.deepspeed_config())
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype)
+        attn = self.cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.cfg.lora is not None:
@@ -157,22 +162,12 @@ class Learner:
         self.engine.step()
 
     def masked_nll(self, batch: dict[str, list[list[int]]]) -> tuple[torch.Tensor, int]:
-        """Summed next-token NLL over the tokens whose ``loss_mask`` is 1, and their count.
-
-        Logits are computed only at positions some row needs (``logits_to_keep``): with a large
-        vocabulary and loss on assistant turns only, the LM head is otherwise most of the cost.
-        """
-        ids = torch.tensor(batch["input_ids"], device=self.device)
-        attn = torch.tensor(batch["attention_mask"], device=self.device) if "attention_mask" in batch else None
-        mask = torch.tensor(batch["loss_mask"], device=self.device)[:, 1:]
-        keep = mask.any(dim=0).nonzero().squeeze(-1)
-        if keep.numel() == 0:
+        """Summed next-token NLL over the tokens whose ``loss_mask`` is 1, and their count."""
+        nll, mask = token_nll(self.engine, batch, self.device, flatten=uses_flash_attention(self.engine.module))
+        if mask.numel() == 0:
+            # Nothing to learn from, but every rank must still run backward on a graph.
             return self.engine.module.get_input_embeddings().weight.sum() * 0.0, 0
-        logits = self.engine(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits.float()
-        targets = ids[:, keep + 1]
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-        m = mask[:, keep].to(logp.dtype)
-        return -(logp * m).sum(), int(m.sum().item())
+        return (nll * mask).sum(), int(mask.sum().item())
 
     def train_step(self, micro_batches: list[dict[str, list[list[int]]]], global_tokens: int) -> dict[str, float]:
         """One optimizer step over this rank's ``grad_accum_steps`` micro-batches.
@@ -290,6 +285,57 @@ class Learner:
 
         state = self.full_state_dict()
         return save(state), tensor_checksum(state)
+
+
+def uses_flash_attention(model) -> bool:
+    """Whether ``model`` (a transformers model, or a PEFT wrapper of one) runs flash attention."""
+    return "flash" in (getattr(model.config, "_attn_implementation", None) or "")
+
+
+def model_inputs(batch: dict[str, list[list[int]]], flatten: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
+    """The model's keyword arguments for a collated micro-batch, and which targets carry loss.
+
+    Targets are ``input_ids[:, 1:]``; the mask returned is their ``loss_mask``, shape [rows, seq-1].
+    Unpacked batches pass the padding mask. Packed batches (with ``position_ids``) pass the
+    position ids, no attention mask and no cache: transformers only builds its per-document
+    causal mask from position-id restarts when ``attention_mask`` and ``past_key_values`` are
+    None (``use_cache`` defaults to True and would create an empty cache), and right pads need no
+    mask (no real token attends forward; collate gives them a document of their own).
+    ``flatten`` lays the rows end to end in one row: flash attention finds documents from position
+    ids only in a batch of one (varlen over the restarts) and otherwise lets them attend to each
+    other. A row's last token then precedes the next row's first, and is kept out of the loss.
+    """
+    ids = torch.tensor(batch["input_ids"])
+    targets = torch.tensor(batch["loss_mask"])[:, 1:]
+    if "position_ids" not in batch:
+        attn = torch.tensor(batch["attention_mask"]) if "attention_mask" in batch else None
+        return {"input_ids": ids, "attention_mask": attn}, targets
+    positions = torch.tensor(batch["position_ids"])
+    if flatten:
+        targets = torch.nn.functional.pad(targets, (0, 1)).reshape(1, -1)[:, :-1]
+        ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+    return {"input_ids": ids, "position_ids": positions, "use_cache": False}, targets
+
+
+def token_nll(
+    model, batch: dict[str, list[list[int]]], device: torch.device | str = "cpu", flatten: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL at the target columns some row needs, and the loss mask there ([rows, kept]).
+
+    Logits are computed only at those columns (``logits_to_keep``): with a large vocabulary and
+    loss on assistant turns only, the LM head is otherwise most of the cost. ``model`` is anything
+    called like a transformers causal LM (a DeepSpeed engine, or the model itself in tests).
+    """
+    inputs, mask = model_inputs(batch, flatten)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    mask = mask.to(device)
+    keep = mask.any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        return torch.zeros(mask.shape[0], 0, device=device), mask[:, keep]
+    logits = model(**inputs, logits_to_keep=keep).logits.float()
+    targets = inputs["input_ids"][:, keep + 1]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return -logp, mask[:, keep].to(logp.dtype)
 
 
 def lr_factor(cfg: LearnerConfig, step: int) -> float:

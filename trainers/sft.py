@@ -16,7 +16,7 @@ from pydantic import Field
 
 from tooltune.chat import tokenize_conversation
 from tooltune.config import StrictModel
-from tooltune.data import load_conversations
+from tooltune.data import DataError, load_conversations
 from tooltune.tracking import MetricsLogger
 from tooltune.world import WorldConfig, gold_messages
 from trainers.checkpoint import CheckpointManager
@@ -84,21 +84,30 @@ def load_sft_conversations(cfg: SFTDataConfig) -> tuple[list[Conversation], list
 
 
 def load_text(paths: list[str]) -> list[str]:
-    """Plain text for pre-training: ``.txt`` (one document per blank-line block) or JSONL ``text``."""
+    """Plain text for pre-training: ``.txt`` (one document per blank-line block) or JSONL ``text``.
+    A file that cannot be read, or a bad line, is a ``DataError`` naming the file (and line)."""
     import json
 
     docs: list[str] = []
     for path in paths:
         p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
         if p.suffix == ".txt":
-            docs += [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
             continue
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                if not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{i}: row has no string 'text' field")
-                docs.append(row["text"])
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{path}:{i}: expected an object with a string 'text' field")
+            docs.append(row["text"])
     return docs
 
 
