@@ -18,7 +18,7 @@ from typing import Any
 
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import run_evaluation, world_tasks
-from ray_jobs.sft import SFTConfig, base_model, evaluation_config, run_sft
+from ray_jobs.sft import SFTConfig, base_model, evaluation_config, prepare_run_dir, run_sft
 from tooltune.episode import Episode, Task
 from tooltune.metrics import answer_is_correct, calls_match_exactly, metrics_markdown
 
@@ -27,6 +27,7 @@ def before_and_after(cfg: SFTConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The base model's test metrics, then the SFT run's result, whose ``evaluation`` holds the
     trained model's metrics on the same held-out tasks."""
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"enabled": True})})
+    prepare_run_dir(cfg)  # a run that cannot train says so before the base model is evaluated
     base_out = Path(cfg.output_dir) / "eval_base"
     base = run_evaluation(evaluation_config(cfg, base_model(cfg), base_out, f"{cfg.model} (base)"))["world"]["test"]
     trained = run_sft(cfg)

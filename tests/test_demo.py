@@ -55,3 +55,14 @@ def test_demo_evaluates_the_base_and_the_trained_model_on_the_same_tasks(tmp_pat
     assert "held-out tool-world tasks: 5; SFT: 2 steps" in printed
     assert metrics_markdown({"before SFT": before["world"]["test"], "after SFT": after["world"]["test"]}) in printed
     assert "task, before SFT:\n       user: " in printed and "after SFT:\n       user: " in printed
+
+    # Run again in the same directory: with resume on it says plainly that the run finished (one
+    # line, exit 2, before any evaluation); with resume=false, as `make demo` runs, it trains again.
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(tmp_path / "demo.yaml")])
+    assert stop.value.code == 2
+    assert "this run already finished (step 2 of 2" in capsys.readouterr().err
+    first = (out / "result.json").stat().st_mtime_ns
+    main(["--config", str(tmp_path / "demo.yaml"), "resume=false"])
+    assert (out / "result.json").stat().st_mtime_ns > first
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
