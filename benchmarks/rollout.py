@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import OtherCpuShare, machine_info, write_result
+from tooltune.provenance import provenance
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # Above this share of the CPU used by other processes during a run, the result says so.
@@ -146,7 +147,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         notes.append(f"other processes used this share of the machine's CPU during these runs: {busy}")
     if notes:
         result["note"] = "; ".join(notes)
-    return result | machine_info()
+    info = machine_info()
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "child_out", "note")}
+    return result | info | {"provenance": provenance(settings, machine=info["machine"])}
 
 
 def summary(r: dict[str, Any]) -> str:

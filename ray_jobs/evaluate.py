@@ -31,6 +31,7 @@ from tooltune.data import RowError
 from tooltune.episode import Episode, FailureReason, Task
 from tooltune.models import resolve_model
 from tooltune.parser import decode_tool_calls
+from tooltune.provenance import provenance
 from tooltune.world import SPLITS, WorldConfig, world_registry
 
 
@@ -135,6 +136,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "timing": {k: round(v, 1) for k, v in timing.items()},
         "data_errors": [str(e) for e in data_errors],
         "config": cfg.model_dump(mode="json"),
+        "provenance": provenance(cfg, run_dir=cfg.output_dir),
     }
     write_outputs(Path(cfg.output_dir), results, world, trajectories, bfcl_items, bfcl_runs, bfcl_scores)
     return results

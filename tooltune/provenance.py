@@ -51,7 +51,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def provenance(
-    cfg: StrictModel | None, overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None = None,
+    cfg: StrictModel | dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None = None,
     machine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``provenance`` object of a recorded result."""
