@@ -52,16 +52,19 @@ def bench_config(tier: str, out: Path, overrides: Sequence[str] = ()) -> SFTConf
     return load_config(f"configs/{tier}/sft.yaml", SFTConfig, [*overrides, f"output_dir={out}", "evaluation.enabled=false"])
 
 
-def run_changes(sft: SFTConfig) -> list[str] | None:
+def run_changes(sft: SFTConfig, finished: bool = True) -> list[str] | None:
     """How ``sft`` differs from the run its output directory holds (keys that change a run);
-    ``None`` when the directory holds no finished run."""
+    ``None`` when the directory holds no finished run (``finished=False``: no run with a checkpoint)."""
     out = Path(sft.output_dir)
     try:
-        done = json.loads((out / "result.json").read_text())
         saved = dump_config(load_config(out / "config.yaml", SFTConfig))
+        if finished:
+            done = json.loads((out / "result.json").read_text())
+            if done["completed_steps"] != done["steps"]:
+                return None
+        elif not (out / "checkpoints" / "latest").is_file():
+            return None
     except (OSError, ValueError, ConfigError):
-        return None
-    if done["completed_steps"] != done["steps"]:
         return None
     return config_changes(saved, dump_config(sft), RUN_INDEPENDENT_KEYS)
 
@@ -95,11 +98,14 @@ def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: P
 
 
 def training_summary(trained: dict[str, Any], out: Path) -> dict[str, Any]:
-    history = trained["history"]
+    # The whole run's log (one line per step, across resumes), not the last stretch's history.
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     prov = out / "provenance.json"
+    first = trained["history"][0]["step"] if trained["history"] else None
     return {
         "steps": trained["steps"],
         "wall_seconds": trained["wall_seconds"],
+        "resumed_at_step": first - 1 if first and first > 1 else None,
         "final_train_loss": history[-1]["train/loss"],
         "final_validation_loss": next((h["validation/loss"] for h in reversed(history) if "validation/loss" in h), None),
         # The tool loop on validation tasks during training (evaluation.during_training_every).
@@ -113,9 +119,14 @@ def training_summary(trained: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def train(sft: SFTConfig, reuse: bool) -> dict[str, Any]:
+    """A finished run of ``sft`` (``reuse``), or the run trained: resumed from its latest
+    checkpoint when an interrupted run of the same config is there, else from scratch.
+    ``wall_seconds`` of a resumed run counts its last stretch only (``resumed_at_step`` says where)."""
     out = Path(sft.output_dir)
     if reuse and run_changes(sft) == []:
         return json.loads((out / "result.json").read_text())
+    if run_changes(sft, finished=False) == [] and run_changes(sft) is None:
+        return run_sft(sft)
     shutil.rmtree(out, ignore_errors=True)
     return run_sft(sft)
 
