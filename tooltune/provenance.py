@@ -26,7 +26,7 @@ def config_hash(cfg: StrictModel | dict[str, Any]) -> str:
 
 def git_state(root: str | Path | None = None) -> dict[str, Any]:
     """``{"git_commit": sha or None, "git_dirty": bool or None}`` of the repository at ``root``
-    (the code's checkout by default); tracked files only decide dirtiness (run outputs are ignored)."""
+    (the code's checkout by default); tracked files other than recorded results decide dirtiness."""
     cwd = Path(root) if root is not None else Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -37,7 +37,9 @@ def git_state(root: str | Path | None = None) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # Recorded results are outputs, not code: a tree whose only changes are results is clean.
+    outputs = (":!benchmarks/results", ":!benchmarks/RESULTS.md")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs) if commit else None
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
