@@ -30,8 +30,8 @@ from typing import Any
 
 from benchmarks.common import machine_info, write_result
 from ray_jobs.evaluate import run_evaluation
-from ray_jobs.sft import RUN_INDEPENDENT_KEYS, SFTConfig, evaluation_config, run_sft
-from tooltune.config import ConfigError, config_changes, dump_config, load_config
+from ray_jobs.sft import SFTConfig, evaluation_config, run_sft, saved_config_changes
+from tooltune.config import ConfigError, load_config
 from tooltune.episode import Episode
 from tooltune.metrics import metric_intervals, miss_breakdown, pair_episodes
 from tooltune.provenance import provenance
@@ -57,7 +57,7 @@ def run_changes(sft: SFTConfig, finished: bool = True) -> list[str] | None:
     ``None`` when the directory holds no finished run (``finished=False``: no run with a checkpoint)."""
     out = Path(sft.output_dir)
     try:
-        saved = dump_config(load_config(out / "config.yaml", SFTConfig))
+        changes = saved_config_changes(out, sft)
         if finished:
             done = json.loads((out / "result.json").read_text())
             if done["completed_steps"] != done["steps"]:
@@ -66,7 +66,7 @@ def run_changes(sft: SFTConfig, finished: bool = True) -> list[str] | None:
             return None
     except (OSError, ValueError, ConfigError):
         return None
-    return config_changes(saved, dump_config(sft), RUN_INDEPENDENT_KEYS)
+    return changes
 
 
 def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: Path, label: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from cluster.placement import RoleConfig
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import BfclEvalConfig, EvalConfig, WorkerSettings, run_evaluation
 from rollout.agent_loop import LoopConfig
-from tooltune.config import ConfigError, StrictModel, config_changes, dump_config, load_config, save_config
+from tooltune.config import ConfigError, StrictModel, config_changes, dump_config, read_yaml, save_config
 from tooltune.models import TinyModelConfig
 from tooltune.provenance import provenance
 from trainers.learner import LearnerConfig
@@ -126,6 +126,13 @@ RUN_INDEPENDENT_KEYS = (
 )  # fmt: skip
 
 
+def saved_config_changes(out: Path, cfg: SFTConfig) -> list[str]:
+    """How ``cfg`` differs from the config saved in ``out`` in the keys that change a run.
+    The saved file is compared as written, not validated again: a check added to the code since
+    (on a key that does not change the run) must not make an older run unreadable."""
+    return config_changes(read_yaml(out / "config.yaml"), dump_config(cfg), RUN_INDEPENDENT_KEYS, added_ok=True)
+
+
 def prepare_run_dir(cfg: SFTConfig) -> int | None:
     """Check ``output_dir`` before a run writes to it; returns the step a resume starts from.
 
@@ -149,10 +156,9 @@ def prepare_run_dir(cfg: SFTConfig) -> int | None:
     if latest is None:
         return None
     try:
-        old = dump_config(load_config(out / "config.yaml", SFTConfig))
+        changes = saved_config_changes(out, cfg)
     except ConfigError as e:
         raise ConfigError(f"{out}: resume=true, but the config of its checkpoint {latest.name} cannot be read: {e}") from None
-    changes = config_changes(old, dump_config(cfg), RUN_INDEPENDENT_KEYS)
     if changes:
         raise ConfigError(
             f"{out}: resume=true, but its checkpoint {latest.name} was trained with another config: "

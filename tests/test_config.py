@@ -135,3 +135,13 @@ def test_apply_overrides_to_an_instance():
     assert cfg.trainer.epochs == 2 and Job().trainer.epochs == 1
     with pytest.raises(ConfigError, match=r"^cli: unknown key 'nme'"):
         apply_overrides(Job(), ["nme=x"], source="cli")
+
+
+def test_config_changes_names_dotted_keys_and_skips_ignored_and_added_ones():
+    from tooltune.config import config_changes
+
+    old = {"lr": 0.1, "train": {"steps": 10, "keep": 2}, "eval": {"limit": 5}}
+    new = {"lr": 0.2, "train": {"steps": 10, "keep": 3, "seed": 0}, "eval": {"limit": 9}}
+    assert config_changes(old, new) == ["lr (0.1 -> 0.2)", "train.keep (2 -> 3)", "eval.limit (5 -> 9)", "train.seed (<unset> -> 0)"]
+    assert config_changes(old, new, ignore=["eval", "train.keep"]) == ["lr (0.1 -> 0.2)", "train.seed (<unset> -> 0)"]
+    assert config_changes(old, new, ignore=["eval", "train.keep"], added_ok=True) == ["lr (0.1 -> 0.2)"]

@@ -196,9 +196,10 @@ def save_config(cfg: StrictModel, path: str | Path) -> Path:
     return p
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = (), added_ok: bool = False) -> list[str]:
     """Dotted keys whose values differ between two dumped configs, as ``key (old -> new)``;
-    a key under one of ``ignore`` (dotted prefixes) is left out."""
+    a key under one of ``ignore`` (dotted prefixes) is left out, and with ``added_ok`` so is a
+    key ``old`` lacks (a setting added to the code since ``old`` was saved, at its default)."""
     skip = tuple(ignore)
 
     def flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -208,4 +209,5 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[st
 
     a, b = flat(old), flat(new)
     keys = [k for k in dict.fromkeys([*a, *b]) if not any(k == s or k.startswith(s + ".") for s in skip)]
+    keys = [k for k in keys if k in a] if added_ok else keys
     return [f"{k} ({a.get(k, '<unset>')} -> {b.get(k, '<unset>')})" for k in keys if a.get(k, "<unset>") != b.get(k, "<unset>")]
