@@ -76,6 +76,11 @@ def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: P
     cfg = evaluation_config(sft.model_copy(update={"evaluation": sft.evaluation.model_copy(update={"limit": limit})}), model, eval_dir, label, split)
     previous = eval_dir / "metrics.json"
     same = previous.exists() and json.loads(previous.read_text())["config"] == cfg.model_dump(mode="json")
+    if previous.exists() and not same and split == "test":
+        raise SystemExit(
+            f"error: {eval_dir} already holds a test score of this run, under another evaluation config: "
+            "the test split is scored once; remove that directory yourself if a second score is really meant"
+        )
     if not same:
         shutil.rmtree(eval_dir, ignore_errors=True)
         run_evaluation(cfg)

@@ -41,3 +41,14 @@ def test_provenance_names_command_commit_and_config(tmp_path):
     assert p["overrides"] == ["a=1"] and p["run_dir"] == str(tmp_path)
     assert p["git_commit"] is None or len(p["git_commit"]) == 40
     assert isinstance(p["git_dirty"], bool) or p["git_dirty"] is None
+
+
+def test_the_test_split_is_not_scored_twice(tmp_path):
+    from benchmarks.sft import score
+
+    sft = bench_config("tiny", tmp_path / "run")
+    eval_dir = tmp_path / "run" / "eval_test"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "metrics.json").write_text(json.dumps({"config": {"limit": 7}}))
+    with pytest.raises(SystemExit, match="already holds a test score of this run"):
+        score(sft, "model", "test", None, eval_dir, "x")
