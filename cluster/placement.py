@@ -32,6 +32,7 @@ class RoleGroup:
         from ray.util.placement_group import placement_group
 
         self.name, self.cfg = name, cfg
+        self.actors: list = []  # what spawn made, for close()
         bundle = {"CPU": cfg.cpus} | ({"GPU": cfg.gpus} if cfg.gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy=cfg.strategy, name=f"tooltune-{name}")
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.ready_timeout_s)
@@ -58,7 +59,7 @@ class RoleGroup:
         import ray
 
         actors = [ray.remote(cls).options(**self.actor_options(r)).remote(*make_args(r)) for r in range(self.cfg.num_ranks)]
-        self.actors = getattr(self, "actors", []) + actors
+        self.actors += actors
         return actors
 
     def close(self) -> None:
@@ -66,7 +67,7 @@ class RoleGroup:
         goes away with the driver."""
         import ray
 
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             ray.kill(actor)
         self.actors = []
         self.remove()
