@@ -1,8 +1,12 @@
-"""Placement of each role's actors: one placement group per role, from config.
+"""Placement of each role's actors, from config: each role in its own bundles, or colocated.
 
-A role (learners of one model, rollout workers, reward scorers, …) asks for ``num_ranks``
-bundles of ``cpus``/``gpus`` each, packed on few nodes or spread across them. Colocating two
-roles is giving them the same group (fractional GPUs per actor).
+A role (learners of one model, a reference policy, rollout workers, reward scorers, …) asks
+for ``num_ranks`` bundles of ``cpus``/``gpus`` each. Alone, a role gets its own placement group,
+packed on few nodes or spread across them (``STRICT_SPREAD``: one rank per node). Roles named
+together in ``PlacementConfig.colocate`` share one placement group instead: rank r of each
+lands in bundle r, which holds the sum of their per-rank shares. That is how an actor, its
+reference policy and the vLLM engine sit on the same GPUs (taking turns on its memory through
+vLLM's sleep/wake): Ray only books the shares, the job decides who holds the memory when.
 """
 
 from __future__ import annotations
@@ -10,38 +14,105 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tooltune.config import StrictModel
+
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class RoleConfig(StrictModel):
     num_ranks: int = Field(1, ge=1)
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Strategy = "PACK"
     # Ray waits for resources this long (an autoscaling cluster may need minutes to add nodes).
     ready_timeout_s: float = Field(600.0, gt=0)
 
 
-class RoleGroup:
-    """A ready placement group and the per-rank actor options that pin actors to its bundles."""
+class PlacementConfig(StrictModel):
+    """Every role's resources, and which roles share bundles (the others get their own)."""
 
-    def __init__(self, name: str, cfg: RoleConfig):
+    roles: dict[str, RoleConfig]
+    # Sets of role names; the roles of one set share one placement group, bundle for bundle.
+    colocate: list[list[str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_colocation(self) -> PlacementConfig:
+        set_of: dict[str, int] = {}
+        for i, names in enumerate(self.colocate):
+            where = f"colocate[{i}]"
+            if len(names) < 2:
+                raise ValueError(f"{where}: a colocated set needs at least two roles, got {names}")
+            for name in names:
+                if name not in self.roles:
+                    raise ValueError(f"{where}: unknown role {name!r} (roles: {', '.join(sorted(self.roles))})")
+                if name in set_of:
+                    raise ValueError(f"{where}: role {name!r} is already in colocate[{set_of[name]}]")
+                set_of[name] = i
+            members = {name: self.roles[name] for name in names}
+            for key in ("num_ranks", "strategy"):
+                values = {name: getattr(role, key) for name, role in members.items()}
+                if len(set(values.values())) > 1:
+                    raise ValueError(f"{where}: colocated roles need the same {key}, got {values}")
+            gpus = {name: role.gpus for name, role in members.items()}
+            # A share of one GPU per rank is what colocation means; Ray also refuses a fractional
+            # request above 1.
+            if sum(gpus.values()) > 1 + 1e-9:
+                raise ValueError(f"{where}: colocated roles share one GPU per rank, their gpus add up past 1: {gpus}")
+        return self
+
+    def groups(self) -> list[list[str]]:
+        """The role names of each placement group: the colocated sets, then every other role alone."""
+        colocated = {name for names in self.colocate for name in names}
+        return [list(names) for names in self.colocate] + [[name] for name in self.roles if name not in colocated]
+
+
+def bundle(roles: list[RoleConfig]) -> dict[str, float]:
+    """One bundle holding a rank of each of ``roles``: the sum of their shares."""
+    cpus, gpus = sum(r.cpus for r in roles), sum(r.gpus for r in roles)
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+
+
+class SharedGroup:
+    """A ready placement group and how many roles use it: the last one to leave removes it."""
+
+    def __init__(self, label: str, bundles: list[dict[str, float]], strategy: Strategy, timeout_s: float):
         import ray
         from ray.util.placement_group import placement_group
 
-        self.name, self.cfg = name, cfg
-        self.actors: list = []  # what spawn made, for close()
-        bundle = {"CPU": cfg.cpus} | ({"GPU": cfg.gpus} if cfg.gpus else {})
-        self.pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy=cfg.strategy, name=f"tooltune-{name}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.ready_timeout_s)
+        self.pg = placement_group(bundles, strategy=strategy, name=f"tooltune-{label}")
+        self.users = 0
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
             raise TimeoutError(
-                f"role {name!r}: {cfg.num_ranks} x {bundle} not placeable within {cfg.ready_timeout_s:.0f} s "
-                f"(cluster has {ray.cluster_resources()})"
+                f"placement group 'tooltune-{label}': {len(bundles)} x {bundles[0]} ({strategy}) not placeable "
+                f"within {timeout_s:.0f} s (cluster has {ray.cluster_resources()})"
             )
+
+    def leave(self) -> None:
+        import ray
+
+        self.users -= 1
+        if self.users == 0:
+            ray.util.remove_placement_group(self.pg)
+
+
+class RoleGroup:
+    """One role's ranks pinned to the bundles of a placement group: its own (``shared`` None) or
+    one it shares with colocated roles (``place_roles`` makes those)."""
+
+    def __init__(self, name: str, cfg: RoleConfig, shared: SharedGroup | None = None):
+        self.name, self.cfg = name, cfg
+        self.actors: list = []  # what spawn made, for close()
+        self.group = shared or SharedGroup(name, [bundle([cfg])] * cfg.num_ranks, cfg.strategy, cfg.ready_timeout_s)
+        self.group.users += 1
+        self._left = False
+
+    @property
+    def pg(self):
+        return self.group.pg
 
     def actor_options(self, rank: int) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -58,12 +129,13 @@ class RoleGroup:
         """One actor per rank: ``make_args(rank)`` gives each constructor's arguments."""
         import ray
 
-        actors = [ray.remote(cls).options(**self.actor_options(r)).remote(*make_args(r)) for r in range(self.cfg.num_ranks)]
+        remote = ray.remote(cls)
+        actors = [remote.options(**self.actor_options(r)).remote(*make_args(r)) for r in range(self.cfg.num_ranks)]
         self.actors += actors
         return actors
 
     def close(self) -> None:
-        """Kill the actors ``spawn`` made and remove the group: on an attached cluster, neither
+        """Kill the actors ``spawn`` made and leave the group: on an attached cluster, neither
         goes away with the driver."""
         import ray
 
@@ -73,6 +145,31 @@ class RoleGroup:
         self.remove()
 
     def remove(self) -> None:
-        import ray
+        """Leave the placement group (once; later calls do nothing). A group shared with
+        colocated roles is removed when the last of them leaves, so closing one role never
+        pulls the bundles from under another's actors."""
+        if not self._left:
+            self._left = True
+            self.group.leave()
 
-        ray.util.remove_placement_group(self.pg)
+
+def place_roles(cfg: PlacementConfig) -> dict[str, RoleGroup]:
+    """A ready ``RoleGroup`` per role of ``cfg``: one placement group per colocated set and per
+    other role. If one cannot be placed, those already made are removed before the error."""
+    made: list[RoleGroup] = []
+    try:
+        for names in cfg.groups():
+            roles = [cfg.roles[name] for name in names]
+            if len(names) == 1:
+                made.append(RoleGroup(names[0], roles[0]))
+                continue
+            first = roles[0]
+            timeout_s = max(r.ready_timeout_s for r in roles)
+            shared = SharedGroup("+".join(names), [bundle(roles)] * first.num_ranks, first.strategy, timeout_s)
+            made += [RoleGroup(name, role, shared) for name, role in zip(names, roles)]
+    except BaseException:
+        for group in made:
+            group.remove()
+        raise
+    by_name = {group.name: group for group in made}
+    return {name: by_name[name] for name in cfg.roles}

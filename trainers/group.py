@@ -9,11 +9,13 @@ from trainers.learner import Learner, LearnerConfig
 
 
 class LearnerGroup:
-    def __init__(self, name: str, role: RoleConfig, cfg: LearnerConfig):
+    def __init__(self, name: str, role: RoleConfig, cfg: LearnerConfig, placement: RoleGroup | None = None):
+        """``placement``: the role's bundles when ``place_roles`` made them (colocated with other
+        roles); by default the group gets its own."""
         import ray
 
-        self.cfg, self.world_size = cfg, role.num_ranks
-        self.placement = RoleGroup(name, role)
+        self.placement = placement or RoleGroup(name, role)
+        self.cfg, self.world_size = cfg, self.placement.cfg.num_ranks
         payload = cfg.model_dump()
         self.actors = self.placement.spawn(Learner, lambda r: (payload, r, self.world_size))
         addr, port = ray.get(self.actors[0].master_address.remote())
