@@ -102,7 +102,21 @@ def periodic_tool_eval(cfg: SFTConfig, group, tokenizer) -> tuple:
 
     tasks = generate_world(cfg.data.world)["validation"][: cfg.evaluation.during_training_limit]
     loop, world = cfg.evaluation.loop.model_dump(), cfg.data.world.model_dump()
-    return (lambda: group.first("evaluate_tools", tasks, tokenizer, loop, world)), every
+    return (lambda: group.first("with_model", evaluate_model, tasks, tokenizer, loop, world)), every
+
+
+def evaluate_model(model, tasks: list, tokenizer, loop: dict, world: dict | None) -> dict:
+    """Tool-world metrics of a live model (runs on a learner rank, through ``Learner.with_model``):
+    the tool loop over ``generate``, no checkpoint and no engine start."""
+    from rollout.agent_loop import LoopConfig, run_episodes
+    from rollout.hf_worker import HFRolloutWorker
+    from tooltune.metrics import compute_metrics
+    from tooltune.world import WorldConfig, world_registry
+
+    registry = world_registry(WorldConfig.model_validate(world) if world else None)
+    worker = HFRolloutWorker.around(model, tokenizer)
+    runs = run_episodes(tasks, worker, tokenizer, LoopConfig.model_validate(loop), registry)
+    return compute_metrics(tasks, [run.episode for run in runs])
 
 
 def base_model(cfg: SFTConfig, train_convs: list | None = None, texts: list[str] | None = None) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainers.learner import model_inputs, token_nll, uses_flash_attention
+from trainers.losses import model_inputs, token_nll, uses_flash_attention
 from trainers.packing import collate, loss_tokens, pack_examples
 
 PAD = 0

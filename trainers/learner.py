@@ -1,21 +1,33 @@
-"""One rank of a DeepSpeed ZeRO learner group.
+"""One rank of a learner group: a model, its role, and the collective set-up done for it.
 
-A plain class: it runs as a Ray actor (``ray.remote(Learner)`` where it is launched) or
-directly in a test. Ranks of one model form one ``torch.distributed`` group: gloo on CPU,
-NCCL on GPU; nothing else here depends on the device.
+One class serves every stage. The loss is a pure function passed in (``trainers.losses``), the
+batch a dict of columns (token ids and whatever the loss reads: masks, advantages, old and
+reference log-probs, returns, teacher targets), cut into micro-batches and padded here. The
+head is a causal LM, or one scalar per token (a critic's values, a reward model's score at the
+last token). A frozen role (reference policy, teacher, reward model) runs forward only: no
+optimizer, no gradients; under ZeRO-3 its parameters stay partitioned for inference too.
+
+A plain class: it runs as a Ray actor (``ray.remote(Learner)`` where it is launched) or directly
+in a test. Ranks of one model form one ``torch.distributed`` group: gloo on CPU, NCCL on GPU;
+nothing else here depends on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from tooltune.config import StrictModel
-from tooltune.weights import tensor_checksum
+from trainers.forward import Columns, Forward, num_rows, pad_columns, split_rows, unpad
+
+Loss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+"""``loss(fwd, batch, **kwargs) -> (summed loss, summed stats)``: see ``trainers.losses``."""
 
 
 class LoraConfig(StrictModel):
@@ -26,10 +38,14 @@ class LoraConfig(StrictModel):
 
 
 class LearnerConfig(StrictModel):
-    """What one learner group trains and how."""
+    """What one learner group holds, and (when trainable) how it trains."""
 
     # A path; jobs that build or resolve the model fill it in before the learners start.
     model: str = ""
+    # "lm": a causal LM (policy, reference, teacher); "value"/"reward": one scalar per token.
+    head: Literal["lm", "value", "reward"] = "lm"
+    # False: forward only (no optimizer, no gradients, inference mode).
+    trainable: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
     lr: float = Field(1e-3, gt=0)
@@ -38,6 +54,9 @@ class LearnerConfig(StrictModel):
     grad_clip: float = 1.0
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
+    # Sequence positions per chunk when log-probs and entropy are computed (bounds the
+    # [chunk, vocab] fp32 tensor that is alive at once).
+    logprob_chunk_tokens: int = Field(1024, ge=1)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
     # None: transformers' default (sdpa where torch has it). Packed rows are masked per document
@@ -58,14 +77,16 @@ def free_port() -> int:
 
 
 class Learner:
-    """One rank: a model under a DeepSpeed engine, with the collective set-up done for it."""
+    """One rank: a model (under a DeepSpeed engine when it trains or is ZeRO-3 partitioned)."""
 
     def __init__(self, cfg: LearnerConfig | dict, rank: int, world_size: int):
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         if not self.cfg.model:
-            raise ValueError("LearnerConfig.model is empty: no model path to train")
+            raise ValueError("LearnerConfig.model is empty: no model path to load")
         self.rank, self.world_size = rank, world_size
         self.engine = None
+        self.optimizer = self.scheduler = None
+        self._model: torch.nn.Module | None = None
 
     # ---- group set-up -------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -73,7 +94,7 @@ class Learner:
         return socket.gethostbyname(socket.gethostname()), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        """Join the process group, build the model and its DeepSpeed engine."""
+        """Join the process group, build the model and (trainable, or ZeRO-3) its DeepSpeed engine."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -90,6 +111,14 @@ class Learner:
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
         torch.manual_seed(self.cfg.seed)
         model = self._build_model()
+        if not self.cfg.trainable:
+            model.requires_grad_(False)
+            model.eval()
+            if self.cfg.zero_stage == 3:
+                self.engine, *_ = deepspeed.initialize(model=model, config=self.deepspeed_config())
+            else:
+                self._model = model.to(accel.current_device_name())
+            return
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(self.cfg, step))
@@ -115,6 +144,8 @@ class Learner:
     def _build_model(self):
         from transformers import AutoModelForCausalLM
 
+        from trainers.heads import ScalarHeadModel
+
         dtype = getattr(torch, self.cfg.dtype)
         if self.cfg.zero_stage == 3:
             # Must exist before from_pretrained so the weights are partitioned as they load.
@@ -122,103 +153,162 @@ class Learner:
 
             self._hf_ds_config = HfDeepSpeedConfig(self.deepspeed_config())
         attn = self.cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
-        if self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if self.cfg.head == "lm":
+            model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
+        else:
+            model = ScalarHeadModel.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
+        backbone = model if self.cfg.head == "lm" else model.backbone
+        if self.cfg.gradient_checkpointing and self.cfg.trainable:
+            backbone.gradient_checkpointing_enable()
         if self.cfg.lora is not None:
             from peft import LoraConfig as PeftLoraConfig
             from peft import get_peft_model
 
             lc = self.cfg.lora
-            model = get_peft_model(
-                model,
-                PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM"),
+            peft_cfg = PeftLoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                task_type="CAUSAL_LM" if self.cfg.head == "lm" else "FEATURE_EXTRACTION",
             )
+            if self.cfg.head == "lm":
+                model = get_peft_model(model, peft_cfg)
+            else:
+                model.backbone = get_peft_model(model.backbone, peft_cfg)
         return model
 
     # ---- compute ------------------------------------------------------------------------
     @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (inside the DeepSpeed engine when there is one)."""
+        return self.engine.module if self.engine is not None else self._model
+
+    @property
     def device(self) -> torch.device:
-        return self.engine.device
+        return self.engine.device if self.engine is not None else next(self._model.parameters()).device
 
-    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x_t | x_<t) for t >= 1, shape [batch, seq-1]."""
-        input_ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device) if attention_mask is not None else None
-        logits = self.engine(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    def _runner(self):
+        return self.engine if self.engine is not None else self._model
 
-    @torch.no_grad()
-    def eval_logprobs(self, input_ids: list[list[int]]) -> list[list[float]]:
-        """Per-token log-probs of unpadded sequences, one forward each (used to check syncs)."""
-        self.engine.eval()
-        out = [self.token_logprobs(torch.tensor([ids])).squeeze(0).tolist() for ids in input_ids]
-        self.engine.train()
+    def _forward(self, columns: Columns) -> Forward:
+        batch = pad_columns(columns, self.device)
+        return Forward(self._runner(), batch, self.cfg.head, self.cfg.logprob_chunk_tokens)
+
+    def _micro_batches(self, batch: Columns | list[Columns]) -> list[Columns]:
+        """A training step's micro-batches: given as such (a list), or cut from this rank's rows."""
+        if isinstance(batch, list):
+            parts = batch
+        else:
+            rows, micro = num_rows(batch), self.cfg.micro_batch_size
+            if rows != micro * self.cfg.grad_accum_steps:
+                raise ValueError(
+                    f"rank {self.rank}: a step takes micro_batch_size x grad_accum_steps = "
+                    f"{micro} x {self.cfg.grad_accum_steps} rows, got {rows}"
+                )
+            parts = split_rows(batch, micro)
+        if len(parts) != self.cfg.grad_accum_steps:
+            raise ValueError(f"rank {self.rank}: got {len(parts)} micro-batches, expected {self.cfg.grad_accum_steps}")
+        return parts
+
+    def train_step(self, batch: Columns | list[Columns], loss_fn: Loss, denominator: float, **loss_kwargs: Any) -> dict[str, float]:
+        """One optimizer step of ``loss_fn`` over this rank's micro-batches; returns summed stats.
+
+        The objective is the loss summed over the step's ``denominator`` units on all ranks,
+        divided by that count: DeepSpeed averages gradients over ranks and divides by the
+        accumulation steps, so each micro-batch's sum is scaled by ``world_size * accum /
+        denominator``. That makes N ranks with batch B follow the same curve as one rank with N*B.
+        """
+        if self.optimizer is None:
+            raise RuntimeError(f"rank {self.rank}: a frozen learner ({self.cfg.head}) has no optimizer to step")
+        parts = self._micro_batches(batch)
+        scale = self.world_size * self.cfg.grad_accum_steps / max(1.0, float(denominator))
+        totals: dict[str, float] = {}
+        for columns in parts:
+            fwd = self._forward(columns)
+            loss, stats = loss_fn(fwd, fwd.batch, **loss_kwargs)
+            if not loss.requires_grad:
+                # Nothing to learn from in this micro-batch, but every rank must still run backward.
+                loss = loss + sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return totals | {"lr": self.scheduler.get_last_lr()[0]}
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Eval mode without gradients, the module's mode restored after."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        # ZeRO-3 gathers parameters in forward hooks; inference-mode tensors there would become
+        # the partitions' storage, so a ZeRO-3 engine runs under no_grad instead.
+        grad_off = torch.no_grad() if self.cfg.zero_stage == 3 else torch.inference_mode()
+        try:
+            with grad_off:
+                yield
+        finally:
+            module.train(was_training)
+
+    def _per_row(self, input_ids: list[list[int]], fn: Callable[[Forward], torch.Tensor], drop: int) -> list[list[float]]:
+        """``fn`` over micro-batches of unpadded sequences, cut back to ``len(seq) - drop`` per row."""
+        out: list[list[float]] = []
+        with self._evaluating():
+            for part in split_rows({"input_ids": input_ids}, self.cfg.micro_batch_size):
+                out += unpad(fn(self._forward(part)), [len(s) - drop for s in part["input_ids"]])
         return out
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward and (at a gradient-accumulation boundary) an optimizer step."""
-        self.engine.backward(loss)
-        self.engine.step()
+    def eval_loss(self, batch: Columns | list[Columns], loss_fn: Loss, **loss_kwargs: Any) -> dict[str, float]:
+        """The loss's summed stats without a step (validation); micro-batches given or cut here."""
+        parts = batch if isinstance(batch, list) else split_rows(batch, self.cfg.micro_batch_size)
+        totals: dict[str, float] = {}
+        with self._evaluating():
+            for columns in parts:
+                fwd = self._forward(columns)
+                _, stats = loss_fn(fwd, fwd.batch, **loss_kwargs)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        return totals
 
-    def masked_nll(self, batch: dict[str, list[list[int]]]) -> tuple[torch.Tensor, int]:
-        """Summed next-token NLL over the tokens whose ``loss_mask`` is 1, and their count."""
-        nll, mask = token_nll(self.engine, batch, self.device, flatten=uses_flash_attention(self.engine.module))
-        if mask.numel() == 0:
-            # Nothing to learn from, but every rank must still run backward on a graph.
-            return self.engine.module.get_input_embeddings().weight.sum() * 0.0, 0
-        return (nll * mask).sum(), int(mask.sum().item())
+    def logprobs(self, input_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """log p(x_t | x_<t) at ``temperature`` for t >= 1 of unpadded sequences, batched in
+        micro-batches: one list of len(seq) - 1 per sequence."""
+        return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature)[0], drop=1)
 
-    def train_step(self, micro_batches: list[dict[str, list[list[int]]]], global_tokens: int) -> dict[str, float]:
-        """One optimizer step over this rank's ``grad_accum_steps`` micro-batches.
+    def entropy(self, input_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """The entropy of the next-token distribution at each position t >= 1 (as ``logprobs``)."""
+        return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature, entropy=True)[1], drop=1)
 
-        The objective is the mean NLL over all ``global_tokens`` loss tokens of the step, on all
-        ranks: DeepSpeed averages gradients over ranks and divides by the accumulation steps, so
-        each micro-batch's sum is scaled by ``world_size * accum / global_tokens``. That makes N
-        ranks with batch B follow the same curve as one rank with batch N*B.
-        """
-        if len(micro_batches) != self.cfg.grad_accum_steps:
-            raise ValueError(f"rank {self.rank}: got {len(micro_batches)} micro-batches, expected {self.cfg.grad_accum_steps}")
-        scale = self.world_size * self.cfg.grad_accum_steps / max(1, global_tokens)
-        nll_total, tokens = 0.0, 0
-        for mb in micro_batches:
-            nll, n = self.masked_nll(mb)
-            self.step(nll * scale)
-            nll_total, tokens = nll_total + nll.item(), tokens + n
-        return {"nll_sum": nll_total, "tokens": tokens, "lr": self.scheduler.get_last_lr()[0]}
+    def eval_logprobs(self, input_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs at temperature 1 (what weight-sync checks compare)."""
+        return self.logprobs(input_ids)
 
-    @torch.no_grad()
-    def eval_nll(self, micro_batches: list[dict[str, list[list[int]]]]) -> dict[str, float]:
-        self.engine.eval()
-        parts = [self.masked_nll(mb) for mb in micro_batches]
-        self.engine.train()
-        return {"nll_sum": sum(p[0].item() for p in parts), "tokens": sum(p[1] for p in parts)}
+    def values(self, input_ids: list[list[int]]) -> list[list[float]]:
+        """The scalar head's output at every token of each sequence (a critic's values)."""
+        return self._per_row(input_ids, lambda fwd: fwd.values(), drop=0)
 
-    @torch.no_grad()
-    def evaluate_tools(self, tasks: list[Any], tokenizer: Any, loop: dict[str, Any], world: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Tool-world metrics of this rank's model as it is now: the tool loop over ``generate``.
+    def rewards(self, input_ids: list[list[int]]) -> list[float]:
+        """A reward model's score of each sequence: the head's output at its last token."""
+        out: list[float] = []
+        with self._evaluating():
+            for part in split_rows({"input_ids": input_ids}, self.cfg.micro_batch_size):
+                out += self._forward(part).last_token_values().float().cpu().tolist()
+        return out
 
-        For evaluation during training: no checkpoint, no engine start. Under ZeRO 0-2 every
-        rank holds the whole model, so one rank runs it while the others wait. The RNG states
-        are left as they were (an evaluation must not change the training that follows).
-        """
-        from rollout.agent_loop import LoopConfig, run_episodes
-        from rollout.hf_worker import HFRolloutWorker
-        from tooltune.metrics import compute_metrics
-        from tooltune.world import WorldConfig, world_registry
-
+    def with_model(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(model, *args)`` on this rank's model as it is now, in eval mode without
+        gradients, with the RNG states restored after (so it cannot change the training that
+        follows). Drivers use it to run what trainers must not import (the tool loop on the live
+        weights). Under ZeRO 0-2 every rank holds the whole model; ZeRO-3 shards it."""
         if self.cfg.zero_stage == 3:
-            raise ValueError("evaluate_tools needs whole weights on one rank: ZeRO-3 shards them (use the final evaluation)")
-        module = self.engine.module
-        registry = world_registry(WorldConfig.model_validate(world) if world else None)
+            raise ValueError("with_model needs whole weights on one rank: ZeRO-3 shards them")
+        module = self.module
+        was_training = module.training
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             module.eval()
             try:
-                worker = HFRolloutWorker.around(module, tokenizer)
-                runs = run_episodes(tasks, worker, tokenizer, LoopConfig.model_validate(loop), registry)
+                with torch.no_grad():
+                    return fn(module, *args)
             finally:
-                module.train()
-        return compute_metrics(tasks, [run.episode for run in runs])
+                module.train(was_training)
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_state(self, directory: str, client_state: dict[str, Any]) -> None:
@@ -245,10 +335,14 @@ class Learner:
         return client_state or {}
 
     def save_pretrained(self, directory: str, merged: bool = True) -> None:
-        """Hugging Face weights: full (LoRA merged), or the adapter alone. Collective; rank 0 writes."""
+        """Hugging Face weights: full (LoRA merged), or the adapter alone; a scalar head goes
+        beside the backbone (``trainers.heads``). Collective; rank 0 writes."""
         import deepspeed
 
-        module = self.engine.module
+        module = self.module
+        if self.cfg.head != "lm":
+            self._save_scalar_head_model(directory)
+            return
         if self.cfg.lora is not None and not merged:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
                 if self.rank == 0:
@@ -259,6 +353,22 @@ class Learner:
             base = module.get_base_model() if self.cfg.lora is not None else module
             base.save_pretrained(directory, state_dict=state)
 
+    def _save_scalar_head_model(self, directory: str) -> None:
+        import deepspeed
+
+        module = self.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
+            if self.cfg.lora is not None:
+                backbone_state = _merged_lora_state(module.backbone)
+                base = module.backbone.get_base_model()
+            else:
+                backbone_state = {k: v.detach().cpu().clone() for k, v in module.backbone.state_dict().items()}
+                base = module.backbone
+            head_state = {k: v.detach().cpu().clone() for k, v in module.head.state_dict().items()}
+        if self.rank == 0:
+            base.save_pretrained(directory, state_dict=backbone_state)
+            module.save_head(directory, head_state)
+
     # ---- weights out --------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model weights in checkpoint names (LoRA merged), gathered on every rank.
@@ -267,7 +377,7 @@ class Learner:
         """
         import deepspeed
 
-        module = self.engine.module
+        module = self.module
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             if self.cfg.lora is not None:
@@ -279,63 +389,32 @@ class Learner:
             state.pop("lm_head.weight", None)
         return state
 
-    def weights_blob(self) -> tuple[bytes, str]:
-        """Serialized full weights and their checksum: what rollout workers load."""
-        from safetensors.torch import save
+    # A weight sync (driven by ray_jobs.weight_sync; the logic is trainers.weight_sender): rank 0
+    # joins the sync group and plans, then every rank sends (under ZeRO-3 each bucket is a gather).
+    def weight_sync_join(self, addr: str, port: int, rank: int, world: int, timeout_s: float = 600.0) -> None:
+        self._weight_sender().join(addr, port, rank, world, timeout_s)
 
-        state = self.full_state_dict()
-        return save(state), tensor_checksum(state)
+    def weights_plan(self, version: int, bucket_bytes: int, dtype: str | None = None) -> dict[str, Any]:
+        """The plan of the sync of ``version`` (no gather): full weights, or the LoRA adapter alone."""
+        return self._weight_sender().plan(version, bucket_bytes, dtype).model_dump()
 
+    def send_weights(self, plan: dict[str, Any], transport: Literal["group", "object_store"] = "group") -> dict[str, Any]:
+        """Every rank calls this with rank 0's plan; rank 0 sends and returns its timings."""
+        from tooltune.weights import SyncPlan
 
-def uses_flash_attention(model) -> bool:
-    """Whether ``model`` (a transformers model, or a PEFT wrapper of one) runs flash attention."""
-    return "flash" in (getattr(model.config, "_attn_implementation", None) or "")
+        return self._weight_sender().send(SyncPlan.model_validate(plan), transport)
 
+    def weight_sync_probe(self, nbytes: int) -> float:
+        return self._weight_sender().probe(nbytes)
 
-def model_inputs(batch: dict[str, list[list[int]]], flatten: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
-    """The model's keyword arguments for a collated micro-batch, and which targets carry loss.
+    def _weight_sender(self):
+        from trainers.weight_sender import WeightSender
 
-    Targets are ``input_ids[:, 1:]``; the mask returned is their ``loss_mask``, shape [rows, seq-1].
-    Unpacked batches pass the padding mask. Packed batches (with ``position_ids``) pass the
-    position ids, no attention mask and no cache: transformers only builds its per-document
-    causal mask from position-id restarts when ``attention_mask`` and ``past_key_values`` are
-    None (``use_cache`` defaults to True and would create an empty cache), and right pads need no
-    mask (no real token attends forward; collate gives them a document of their own).
-    ``flatten`` lays the rows end to end in one row: flash attention finds documents from position
-    ids only in a batch of one (varlen over the restarts) and otherwise lets them attend to each
-    other. A row's last token then precedes the next row's first, and is kept out of the loss.
-    """
-    ids = torch.tensor(batch["input_ids"])
-    targets = torch.tensor(batch["loss_mask"])[:, 1:]
-    if "position_ids" not in batch:
-        attn = torch.tensor(batch["attention_mask"]) if "attention_mask" in batch else None
-        return {"input_ids": ids, "attention_mask": attn}, targets
-    positions = torch.tensor(batch["position_ids"])
-    if flatten:
-        targets = torch.nn.functional.pad(targets, (0, 1)).reshape(1, -1)[:, :-1]
-        ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
-    return {"input_ids": ids, "position_ids": positions, "use_cache": False}, targets
-
-
-def token_nll(
-    model, batch: dict[str, list[list[int]]], device: torch.device | str = "cpu", flatten: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL at the target columns some row needs, and the loss mask there ([rows, kept]).
-
-    Logits are computed only at those columns (``logits_to_keep``): with a large vocabulary and
-    loss on assistant turns only, the LM head is otherwise most of the cost. ``model`` is anything
-    called like a transformers causal LM (a DeepSpeed engine, or the model itself in tests).
-    """
-    inputs, mask = model_inputs(batch, flatten)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    mask = mask.to(device)
-    keep = mask.any(dim=0).nonzero().squeeze(-1)
-    if keep.numel() == 0:
-        return torch.zeros(mask.shape[0], 0, device=device), mask[:, keep]
-    logits = model(**inputs, logits_to_keep=keep).logits.float()
-    targets = inputs["input_ids"][:, keep + 1]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return -logp, mask[:, keep].to(logp.dtype)
+        if self.cfg.head != "lm":
+            raise ValueError(f"weight sync sends a causal LM policy, not a {self.cfg.head} head")
+        if getattr(self, "_sender", None) is None:
+            self._sender = WeightSender(self.module, self.rank, zero3=self.cfg.zero_stage == 3)
+        return self._sender
 
 
 def lr_factor(cfg: LearnerConfig, step: int) -> float:
@@ -353,15 +432,23 @@ def lr_factor(cfg: LearnerConfig, step: int) -> float:
 
 
 def _merged_lora_state(peft_model) -> dict[str, torch.Tensor]:
-    """Base weights with W + (alpha/r)·BA folded in, under the base model's names, unmerged after."""
-    peft_model.merge_adapter()
-    try:
-        base = peft_model.get_base_model()
-        state = {}
-        for k, v in base.state_dict().items():
-            if "lora_" in k:
-                continue
-            state[k.replace(".base_layer.", ".")] = v.detach().cpu().clone()
-        return state
-    finally:
-        peft_model.unmerge_adapter()
+    """Base weights with W + (alpha/r)·BA folded in, under the base model's names. Computed out of
+    place: merging into the live weights and unmerging after is not exact in bf16."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = peft_model.active_adapter
+    base = peft_model.get_base_model()
+    deltas = {
+        f"{name}.base_layer.weight": module.get_delta_weight(adapter)
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+    state = {}
+    for k, v in base.state_dict().items():
+        if "lora_" in k:
+            continue
+        # As peft's in-place merge rounds: the sum in the wider dtype (adapters are often fp32 over
+        # a bf16 base), then the base's dtype.
+        merged = (v + deltas[k]).to(v.dtype) if k in deltas else v
+        state[k.replace(".base_layer.", ".")] = merged.detach().cpu().clone()
+    return state

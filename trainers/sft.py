@@ -21,6 +21,7 @@ from tooltune.tracking import MetricsLogger
 from tooltune.world import WorldConfig, gold_messages
 from trainers.checkpoint import CheckpointManager
 from trainers.group import LearnerGroup
+from trainers.losses import sft_nll
 from trainers.packing import (
     Example,
     collate,
@@ -168,7 +169,10 @@ class SFTTrainer:
         indices = global_batch_indices(len(self.train), self.global_batch, step, self.cfg.seed)
         plan = rank_micro_batches(indices, self.world, self.micro, self.accum)
         tokens = loss_tokens([self.train[i] for i in indices])
-        per_rank = [([collate([self.train[i] for i in mb], self.tok.pad_token_id) for mb in plan[r]], tokens) for r in range(self.world)]
+        per_rank = [
+            ([collate([self.train[i] for i in mb], self.tok.pad_token_id) for mb in plan[r]], sft_nll, tokens)
+            for r in range(self.world)
+        ]
         stats = self.group.each("train_step", per_rank)
         return {"train/loss": sum(s["nll_sum"] for s in stats) / max(1, tokens), "train/lr": stats[0]["lr"], "train/tokens": tokens}
 
@@ -179,9 +183,9 @@ class SFTTrainer:
         per_rank = []
         for r in range(self.world):
             rows = self.validation[r :: self.world]
-            per_rank.append(([collate(rows[i : i + self.micro], self.tok.pad_token_id) for i in range(0, len(rows), self.micro)],))
-        stats = self.group.each("eval_nll", per_rank)
-        return {"validation/loss": sum(s["nll_sum"] for s in stats) / max(1, sum(s["tokens"] for s in stats))}
+            per_rank.append(([collate(rows[i : i + self.micro], self.tok.pad_token_id) for i in range(0, len(rows), self.micro)], sft_nll))
+        stats = self.group.each("eval_loss", per_rank)
+        return {"validation/loss": sum(s.get("nll_sum", 0.0) for s in stats) / max(1, sum(s.get("tokens", 0) for s in stats))}
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, step: int) -> Path:
