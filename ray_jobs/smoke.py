@@ -2,7 +2,8 @@
 
 1. a vLLM engine in a Ray actor generates from a tiny model;
 2. two Ray actors in one gloo group, each holding a DeepSpeed ZeRO engine, take a step;
-3. the learners' new weights go to the vLLM actor, whose log-probs must then match theirs.
+3. the learners' new weights stream to the vLLM actor over a gloo group (verified bucket by
+   bucket, ``ray_jobs.weight_sync``), whose log-probs must then match theirs.
 
     python -m ray_jobs.smoke --config configs/tiny/smoke.yaml
 """
@@ -42,9 +43,11 @@ def run_smoke(cfg: SmokeConfig) -> dict:
     import ray
     from transformers import AutoTokenizer
 
+    from ray_jobs.weight_sync import connect_weight_sync, sync_weights
     from rollout.vllm_worker import RolloutWorker
     from tooltune.models import tiny_model
     from trainers.learner import Learner
+    from trainers.losses import sft_nll
 
     t0 = time.time()
     model_dir = str(tiny_model(cfg=cfg.model))
@@ -62,6 +65,7 @@ def run_smoke(cfg: SmokeConfig) -> dict:
             learners = learner_group.spawn(Learner, lambda r: (learner_cfg, r, world))
             addr, port = ray.get(learners[0].master_address.remote())
             ray.get([lrn.setup.remote(addr, port) for lrn in learners])
+            connect_weight_sync(learners, [worker])
 
             generated = ray.get(worker.generate.remote([probe], {"n": 2, "max_tokens": 16, "temperature": 1.0, "seed": 0}))
             before = ray.get(worker.score.remote([probe]))[0]
@@ -69,12 +73,10 @@ def run_smoke(cfg: SmokeConfig) -> dict:
             # Each rank steps on its own row: the gradient all-reduce makes their updates identical.
             rows = [{"input_ids": [batch[r % len(batch)]], "loss_mask": [[1] * len(batch[0])]} for r in range(world)]
             tokens = world * (len(batch[0]) - 1)
-            stats = ray.get([lrn.train_step.remote([rows[r]], tokens) for r, lrn in enumerate(learners)])
+            stats = ray.get([lrn.train_step.remote(rows[r], sft_nll, tokens) for r, lrn in enumerate(learners)])
             losses = [s["nll_sum"] / s["tokens"] for s in stats]
-            blobs = ray.get([lrn.weights_blob.remote() for lrn in learners])
-            checksums = {c for _, c in blobs}
-            blob, checksum = blobs[0]
-            ray.get(worker.update_weights.remote(blob, 1, checksum))
+            checksums = set(ray.get([lrn.with_model.remote(weights_checksum) for lrn in learners]))
+            sync = sync_weights(learners, [worker], version=1)
 
             after = ray.get(worker.score.remote([probe]))[0]
             learner_lp = ray.get(learners[0].eval_logprobs.remote([probe]))[0]
@@ -92,8 +94,16 @@ def run_smoke(cfg: SmokeConfig) -> dict:
         "max_logprob_diff_before_sync": diff_before,
         "max_logprob_diff_after_sync": diff_after,
         "synced": diff_after < cfg.tolerance < diff_before and len(checksums) == 1,
+        "sync_s": sync["sync_s"],
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def weights_checksum(model) -> str:
+    """One rank's weights, as an identity (ZeRO ranks must agree after a step)."""
+    from tooltune.weights import tensor_checksum
+
+    return tensor_checksum(model.state_dict())
 
 
 def main(argv: list[str] | None = None) -> None:

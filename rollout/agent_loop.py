@@ -1,12 +1,22 @@
-"""The multi-turn tool loop, for a batch of episodes at once: generate -> parse -> execute -> feed back.
+"""The multi-turn tool loop: generate -> parse -> execute -> feed back, each episode at its own pace.
 
-Every live episode generates in one batched call per turn; the driver then parses each turn,
-runs its calls and appends the results, and the episodes that did not end generate again.
+Every episode is an asyncio task. It asks for its next turn as soon as its own tool results are
+in; a worker that takes requests one at a time (``RolloutWorker.generate_one``, continuous
+batching) runs the turns of all episodes that are generating at that moment in the same engine
+steps, so an episode whose tools are slow holds back no one else. Tool calls run concurrently in
+a thread pool, each with the per-call timeout. ``schedule="turn_barrier"`` keeps the older
+schedule, for comparison: every live episode finishes its turn before any starts the next one. A
+worker that can only generate in batches (``HFRolloutWorker``, a bare callable) is always driven
+that way, one batched call per turn.
+
 The running sequence of each episode is built exactly as ``tooltune.chat`` renders it: the
-prompt's ids, the generated ids through the stop token ``<|im_end|>``, then the ids of
+prompt's ids, the generated ids through the turn end ``<|im_end|>``, then the ids of
 ``chat.tool_messages_text`` (``add_special_tokens=False``), so a trajectory's tokens are those
 of a fresh render of its messages (when the model's own tokenization is the canonical one) and
-its action mask is the SFT loss mask.
+its action mask is the SFT loss mask. A generation that stopped without ``<|im_end|>`` (on
+another end-of-sequence id, or a stop string) keeps what it sampled, and the loop appends the
+``<|im_end|>`` the template closes the turn with, with action mask 0, log-prob 0 and no version:
+the policy did not sample it. Its message is stored verbatim, so the render still matches.
 
 A turn becomes one of:
 
@@ -33,13 +43,16 @@ verbatim text, so that the messages always render to the tokens the model produc
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field
 
+from rollout.scheduler import Scheduler, Workers
 from tooltune.chat import TURN_END, render_prompt, tool_messages_text
 from tooltune.config import StrictModel
 from tooltune.episode import EndReason, Episode, Task, ToolCall, Turn
@@ -51,6 +64,11 @@ from tooltune.tools.builtins import builtin_registry
 class SamplingConfig(StrictModel):
     temperature: float = Field(1.0, ge=0)  # 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 is off
+    # Each request's seed is derived from this one, the episode and the turn: a worker that takes
+    # requests one at a time then samples the same episodes whatever the schedule and the batch
+    # (one seed per batched call on a batch-only worker). None: the engine's own random stream.
+    seed: int | None = None
 
 
 class LoopConfig(StrictModel):
@@ -61,7 +79,9 @@ class LoopConfig(StrictModel):
     # Each sample is its own episode (n=1 per request): k samples of a task are k episodes.
     samples_per_task: int = Field(1, ge=1)
     on_parse_failure: Literal["end", "continue"] = "end"
+    schedule: Literal["episode", "turn_barrier"] = "episode"
     tool_timeout_s: float | None = Field(2.0, gt=0)
+    tool_threads: int = Field(32, ge=1)  # tool calls running at once, over all episodes
     simulated_tool_result: str = '{"status": "ok"}'
 
 
@@ -70,8 +90,12 @@ class Trajectory:
     """One episode and its token-level record, ready for rewards and a policy-gradient step.
 
     ``token_ids`` is the whole sequence; ``action_mask`` is 1 on the tokens the model generated
-    (stop tokens included) and 0 on prompt and tool-result tokens; ``logprobs`` is aligned with
-    ``token_ids``: the policy's log-prob of each generated token, 0.0 where the mask is 0.
+    (stop tokens included) and 0 on prompt and tool-result tokens and on a turn end the loop
+    appended; ``logprobs`` is aligned with ``token_ids``: each generated token's log-prob under
+    the distribution it was sampled from, 0.0 where the mask is 0; ``versions`` too: the policy
+    version that sampled each generated token, None where the mask is 0 (and where the worker
+    cannot tell). ``policy_version`` is the newest of them (the worker's version when no token
+    carries one).
     """
 
     task: Task
@@ -81,6 +105,7 @@ class Trajectory:
     action_mask: list[int]
     prompt_length: int
     policy_version: int | None = None
+    versions: list[int | None] = field(default_factory=list)
 
 
 Generate = Callable[[list[list[int]], dict[str, Any]], list[Any]]
@@ -96,24 +121,55 @@ def run_episodes(
 ) -> list[Trajectory]:
     """Run the tool loop on every task (``cfg.samples_per_task`` episodes each, task-major order).
 
-    ``worker`` is anything with ``generate(prompts, sampling)``: a ``RolloutWorker`` (or another
-    worker with its interface), a Ray actor handle of one, a list of either (each turn's prompts
-    are spread over them), or a bare ``Generate`` callable. ``registry`` runs the calls
-    (the built-in tools when None).
+    ``worker`` is a ``RolloutWorker`` (or another worker with its interface: ``generate_one``
+    for continuous batching, else ``generate`` in batches), a Ray actor handle of one, a list of
+    either (episodes spread over them), or a bare ``Generate`` callable. ``registry`` runs the
+    calls (the built-in tools when None). Runs ``arun_episodes`` in a fresh event loop.
     """
+    return asyncio.run(arun_episodes(tasks, worker, tokenizer, cfg, registry))
+
+
+async def arun_episodes(
+    tasks: list[Task],
+    worker: Any,
+    tokenizer: Any,
+    cfg: LoopConfig,
+    registry: ToolRegistry | None = None,
+) -> list[Trajectory]:
+    """``run_episodes`` for a caller already in an event loop (a local ``RolloutWorker`` is then
+    stepped on that loop, on the thread that made it)."""
     registry = registry if registry is not None else builtin_registry()
-    engine = _Engine(worker)
-    version = engine.policy_version()
-    stop_ids = _stop_token_ids(tokenizer)
+    workers = Workers(worker)
+    version = await workers.policy_version()
+    turn_end = _turn_end_id(tokenizer)
     states = [_State.start(task, tokenizer, cfg) for task in tasks for _ in range(cfg.samples_per_task)]
-    live = [s for s in states if not s.done]
-    while live:
-        budgets = [min(cfg.max_new_tokens, cfg.max_total_tokens - len(s.token_ids)) for s in live]
-        generations = engine.generate([s.token_ids for s in live], budgets, _sampling(cfg, stop_ids))
-        for state, generation in zip(live, generations):
-            state.take_turn(generation, tokenizer, registry, cfg, stop_ids)
-        live = [s for s in live if not s.done]
+    barrier = cfg.schedule == "turn_barrier" or not workers.per_request
+    scheduler = Scheduler(workers, cfg.sampling, turn_end, live=len(states), barrier=barrier)
+    with ThreadPoolExecutor(cfg.tool_threads, thread_name_prefix="tool") as pool:
+        episodes = [_play(i, s, scheduler, pool, tokenizer, registry, cfg, version) for i, s in enumerate(states)]
+        await asyncio.gather(*episodes)
     return [s.trajectory(version) for s in states]
+
+
+async def _play(
+    index: int, state: _State, scheduler: Scheduler, pool: ThreadPoolExecutor,
+    tokenizer: Any, registry: ToolRegistry, cfg: LoopConfig, version: int | None,
+) -> None:  # fmt: skip
+    """One episode, turn after turn, until it ends."""
+    try:
+        while not state.done:
+            budget = min(cfg.max_new_tokens, cfg.max_total_tokens - len(state.token_ids))
+            generation = await scheduler.generate(index, len(state.episode.turns), state.token_ids, budget)
+            calls = state.take_generation(generation, tokenizer, cfg, scheduler.turn_end, version)
+            if state.done:
+                break
+            loop = asyncio.get_running_loop()
+            results = await asyncio.gather(
+                *(loop.run_in_executor(pool, _execute, call, state.task, registry, cfg) for call in calls)
+            )
+            state.feed_back(results, tokenizer, cfg)
+    finally:
+        scheduler.leave()
 
 
 # ---- one episode ------------------------------------------------------------------------------
@@ -126,64 +182,89 @@ class _State:
     token_ids: list[int]
     logprobs: list[float]
     action_mask: list[int]
+    versions: list[int | None]
     prompt_length: int
     done: bool = False
     calls_made: int = 0
+    # Between take_generation and feed_back: the turn's message, parse and call ids.
+    pending: tuple[dict[str, Any], ParseResult, list[str]] | None = None
 
     @classmethod
     def start(cls, task: Task, tokenizer: Any, cfg: LoopConfig) -> _State:
         messages = [{"role": "system", "content": task.system}] if task.system else []
         messages.append({"role": "user", "content": task.query})
         ids = _encode(tokenizer, render_prompt(tokenizer, messages, task.tools))
-        state = cls(task, Episode(task.id, messages=messages), ids, [0.0] * len(ids), [0] * len(ids), len(ids))
-        if len(ids) >= cfg.max_total_tokens:
+        n = len(ids)
+        state = cls(task, Episode(task.id, messages=messages), ids, [0.0] * n, [0] * n, [None] * n, n)
+        if n >= cfg.max_total_tokens:
             state.end(EndReason.LENGTH)
         return state
 
     def end(self, reason: EndReason) -> None:
         self.episode.end_reason, self.done = reason, True
 
-    def take_turn(
-        self, generation: Any, tokenizer: Any, registry: ToolRegistry, cfg: LoopConfig, stop_ids: list[int]
-    ) -> None:
-        ids, logprobs = list(generation.token_ids), list(generation.logprobs)
-        if len(logprobs) != len(ids):
-            raise ValueError(f"task {self.task.id}: {len(ids)} generated tokens but {len(logprobs)} log-probs")
+    def append(self, ids: list[int], logprobs: list[float], mask: int, versions: list[int | None]) -> None:
         self.token_ids += ids
         self.logprobs += logprobs
-        self.action_mask += [1] * len(ids)
+        self.action_mask += [mask] * len(ids)
+        self.versions += versions
+
+    def take_generation(
+        self, generation: Any, tokenizer: Any, cfg: LoopConfig, turn_end: int, version: int | None
+    ) -> list[ToolCall]:
+        """Record a generated turn and parse it; returns the calls to execute (none if it ended)."""
+        ids, logprobs = list(generation.token_ids), list(generation.logprobs)
+        versions = list(getattr(generation, "versions", None) or [version] * len(ids))
+        if not len(logprobs) == len(versions) == len(ids):
+            counts = f"{len(ids)} tokens, {len(logprobs)} log-probs, {len(versions)} versions"
+            raise ValueError(f"task {self.task.id}: {counts}")
+        self.append(ids, logprobs, 1, versions)
         self.episode.num_generated_tokens += len(ids)
         stopped = generation.finish_reason == "stop"
-        if stopped and not (ids and ids[-1] in stop_ids):
-            # The template closes every assistant turn with <|im_end|>: the sequence needs it.
-            raise ValueError(f"task {self.task.id}: a stopped generation must end with its stop token {stop_ids}")
-        text = tokenizer.decode(
-            ids[:-1] if stopped else ids,
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
+        closed = stopped and bool(ids) and ids[-1] == turn_end
+        # Stopped otherwise, the template's turn end must follow; without room for it, the turn is cut.
+        if stopped and not closed and len(self.token_ids) >= cfg.max_total_tokens:
+            stopped = False
+        body, tail = (ids[:-1], []) if closed else (ids, [])
+        if stopped and not closed:
+            # An end-of-sequence id the turn stopped on is part of what was sampled, not of the
+            # text to parse.
+            special = set(tokenizer.all_special_ids)
+            cut = len(ids) - 1 if ids and ids[-1] in special else len(ids)
+            body, tail = ids[:cut], ids[cut:]
+            self.append([turn_end], [0.0], 0, [None])
+        text = _decode(tokenizer, body)
         parsed = parse_assistant_text(text, self.task.tools)
         turn = Turn(text, calls=list(parsed.calls), failure=parsed.failure, failure_detail=parsed.detail)
         self.episode.turns.append(turn)
         call_ids = [f"call_{self.calls_made + i}" for i in range(len(parsed.calls))]
         self.calls_made += len(parsed.calls)
         assistant = _assistant_message(text, parsed, call_ids)
+        if tail:
+            assistant = {"role": "assistant", "content": text + _decode(tokenizer, tail)}
         if not stopped:
             self.episode.messages.append(assistant)
             self.end(EndReason.LENGTH)
-            return
-        if parsed.is_final_answer:
+        elif parsed.is_final_answer:
             self.episode.messages.append(assistant)
             self.episode.final_answer = parsed.content
             self.end(EndReason.FINAL_ANSWER)
-            return
-        if parsed.failure is not None and cfg.on_parse_failure == "end":
+        elif parsed.failure is not None and cfg.on_parse_failure == "end":
             self.episode.messages.append(assistant)
             self.end(EndReason.PARSE_FAILURE)
-            return
+        else:
+            self.pending = (assistant, parsed, call_ids)
+            return list(parsed.calls)
+        return []
+
+    def feed_back(self, results: list[ToolResult], tokenizer: Any, cfg: LoopConfig) -> None:
+        """Append the turn's tool results (and its parse error), if they fit."""
+        assert self.pending is not None
+        assistant, parsed, call_ids = self.pending
+        self.pending = None
+        turn = self.episode.turns[-1]
         feedback = []
-        for call, call_id in zip(parsed.calls, call_ids):
-            result = _execute(call, self.task, registry, cfg)
+        for call, call_id, result in zip(parsed.calls, call_ids, results):
             if result.error is not None:
                 turn.tool_errors.append(f"{call.name}: {result.error}")
             feedback.append({"role": "tool", "tool_call_id": call_id, "name": call.name, "content": result.content})
@@ -195,9 +276,7 @@ class _State:
         fits = len(self.token_ids) + len(tool_ids) <= cfg.max_total_tokens
         if fits:
             messages += feedback
-            self.token_ids += tool_ids
-            self.logprobs += [0.0] * len(tool_ids)
-            self.action_mask += [0] * len(tool_ids)
+            self.append(tool_ids, [0.0] * len(tool_ids), 0, [None] * len(tool_ids))
         # Results that do not fit are left out of both the messages and the tokens.
         self.episode.messages = messages
         if len(self.episode.turns) >= cfg.max_turns:
@@ -206,9 +285,12 @@ class _State:
             self.end(EndReason.LENGTH)
 
     def trajectory(self, version: int | None) -> Trajectory:
+        sampled = [v for v in self.versions if v is not None]
+        newest = max(sampled) if sampled else version
         return Trajectory(
-            self.task, self.episode, self.token_ids, self.logprobs, self.action_mask, self.prompt_length, version
-        )
+            self.task, self.episode, self.token_ids, self.logprobs, self.action_mask, self.prompt_length, newest,
+            self.versions,
+        )  # fmt: skip
 
 
 def _assistant_message(text: str, parsed: ParseResult, call_ids: list[str]) -> dict[str, Any]:
@@ -239,94 +321,12 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def _stop_token_ids(tokenizer: Any) -> list[int]:
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _turn_end_id(tokenizer: Any) -> int:
     im_end = tokenizer.convert_tokens_to_ids(TURN_END)
     if not isinstance(im_end, int) or im_end == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {TURN_END} token: the tool loop needs a ChatML template")
-    eos = tokenizer.eos_token_id
-    return [im_end] if eos is None or eos == im_end else [im_end, eos]
-
-
-def _sampling(cfg: LoopConfig, stop_ids: list[int]) -> dict[str, Any]:
-    return {
-        "n": 1,
-        "temperature": cfg.sampling.temperature,
-        "top_p": cfg.sampling.top_p,
-        "stop_token_ids": stop_ids,
-    }
-
-
-# ---- workers ----------------------------------------------------------------------------------
-
-
-class _Engine:
-    """One or more workers (local objects, Ray actor handles, or bare callables) behind one call."""
-
-    def __init__(self, worker: Any):
-        self.workers = list(worker) if isinstance(worker, (list, tuple)) else [worker]
-        if not self.workers:
-            raise ValueError("no rollout worker given")
-
-    def generate(self, prompts: list[list[int]], budgets: list[int], sampling: dict[str, Any]) -> list[Any]:
-        """One generation per prompt, ``budgets[i]`` new tokens at most. Episodes near the end of
-        their token budget form their own group: a request carries one ``max_tokens``."""
-        groups: dict[int, list[int]] = {}
-        for index, budget in enumerate(budgets):
-            groups.setdefault(budget, []).append(index)
-        waits = []
-        for budget, indices in groups.items():
-            params = {**sampling, "max_tokens": budget}
-            shards = _split(indices, len(self.workers))
-            for worker, shard in zip(self.workers, shards):
-                if shard:
-                    waits.append((shard, _submit(worker, [prompts[i] for i in shard], params)))
-        out: list[Any] = [None] * len(prompts)
-        for shard, wait in waits:
-            results = wait()
-            if len(results) != len(shard):
-                raise RuntimeError(f"a worker returned {len(results)} results for {len(shard)} prompts")
-            for index, result in zip(shard, results):
-                if len(result.samples) != 1:
-                    raise RuntimeError(f"expected 1 sample per prompt, got {len(result.samples)}")
-                out[index] = result.samples[0]
-        return out
-
-    def policy_version(self) -> int | None:
-        """The version every worker serves (``version()``), or None when a worker cannot tell."""
-        versions = set()
-        for worker in self.workers:
-            method = getattr(worker, "version", None)
-            if method is None:
-                return None
-            if hasattr(method, "remote"):
-                import ray
-
-                reply = ray.get(method.remote())
-            else:
-                reply = method()
-            versions.add(reply[0] if isinstance(reply, tuple) else reply)
-        if len(versions) > 1:
-            raise RuntimeError(f"rollout workers serve different policy versions: {sorted(versions)}")
-        return versions.pop()
-
-
-def _submit(worker: Any, prompts: list[list[int]], sampling: dict[str, Any]) -> Callable[[], list[Any]]:
-    """Start a generation; the returned function waits for its results."""
-    method = getattr(worker, "generate", worker)
-    if hasattr(method, "remote"):
-        import ray
-
-        ref = method.remote(prompts, sampling)
-        return lambda: ray.get(ref)
-    results = method(prompts, sampling)
-    return lambda: results
-
-
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for part in range(parts):
-        end = start + size + (part < extra)
-        out.append(items[start:end])
-        start = end
-    return out
+    return im_end

@@ -3,9 +3,10 @@ model or a machine, and the baseline the rollout benchmark measures vLLM against
 
 Same interface and result types as ``RolloutWorker``, and the same semantics for what a caller
 sees: sampling keys as in vLLM's ``SamplingParams``, log-probs of the sampled tokens under the
-raw model distribution (before temperature and top-p, like vLLM's default ``raw_logprobs``),
-finish reasons "stop"/"length" with vLLM's ``stop_reason``, and output text cut at a stop
-string. A plain class; launched as ``ray.remote(HFRolloutWorker)``.
+distribution they were sampled from (after temperature, top-k and top-p, like the vLLM worker's
+``processed_logprobs``), the policy version of each token, finish reasons "stop"/"length"
+with vLLM's ``stop_reason``, and output text cut at a stop string. A plain class; launched as
+``ray.remote(HFRolloutWorker)``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class HFRolloutWorker:
         ignore_eos = sampling.get("ignore_eos", False)
         keep_stop = sampling.get("include_stop_str_in_output", False)
         start = ids.shape[1]
+        # The sampling warpers are passed here, before the recorder, rather than built by generate
+        # (which would put them after it): the recorder then sees the distribution sampled from.
         recorder = _SampledLogprobs()
         finish = _Finish(
             self.tokenizer,
@@ -145,7 +148,7 @@ class HFRolloutWorker:
                 attention_mask=mask,
                 past_key_values=cache,
                 generation_config=self._generation_config(sampling),
-                logits_processor=LogitsProcessorList([recorder]),
+                logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
                 stopping_criteria=StoppingCriteriaList([finish]),
             )
         logprobs = recorder.result(seqs)
@@ -159,7 +162,8 @@ class HFRolloutWorker:
             text = self.tokenizer.decode(shown, skip_special_tokens=True)
             if isinstance(stop_reason, str):
                 text = text[: text.find(stop_reason) + (len(stop_reason) if keep_stop else 0)]
-            gens.append(Generation(tokens, logprobs[row, :length].tolist(), text, reason, stop_reason))
+            versions = [self.policy_version] * len(tokens)
+            gens.append(Generation(tokens, logprobs[row, :length].tolist(), text, reason, stop_reason, versions))
         return gens
 
     @contextlib.contextmanager
@@ -190,15 +194,12 @@ class HFRolloutWorker:
     def _generation_config(self, sampling: dict[str, Any]):
         from transformers import GenerationConfig
 
-        temperature = sampling.get("temperature", 1.0)
         common = {"max_new_tokens": sampling.get("max_tokens", 16), "pad_token_id": self.pad_id}
-        if temperature == 0:
+        if sampling.get("temperature", 1.0) == 0:
             return GenerationConfig(do_sample=False, **common)
-        top_k = sampling.get("top_k", 0)
-        # vLLM's top_k of 0 or -1 means "off"; transformers' is 0 (its default would be 50).
-        return GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=sampling.get("top_p", 1.0), top_k=max(top_k, 0), **common
-        )
+        # Temperature, top-k and top-p come from ``_warpers``; transformers' top_k default (50)
+        # is turned off, so generate adds no warper of its own.
+        return GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, **common)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -268,9 +269,26 @@ class HFRolloutWorker:
         gc.collect()
 
 
+def _warpers(sampling: dict[str, Any]) -> list[LogitsProcessor]:
+    """Temperature, top-k and top-p in vLLM's order, as logits processors (none when greedy)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    temperature = sampling.get("temperature", 1.0)
+    if temperature == 0:
+        return []
+    top_k, top_p = sampling.get("top_k", 0), sampling.get("top_p", 1.0)
+    out: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    # vLLM's top_k of 0 or -1 means "off".
+    if top_k > 0:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
 class _SampledLogprobs(LogitsProcessor):
-    """A logits processor that sees the raw logits (it runs before the sampling warpers) and
-    keeps, per step, the log-prob of the token that step then sampled."""
+    """The last logits processor: it sees the scores sampled from (after the warpers) and keeps,
+    per step, the log-prob of the token that step then sampled."""
 
     def __init__(self) -> None:
         self.steps: list[torch.Tensor] = []

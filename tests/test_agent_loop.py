@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
@@ -69,32 +71,64 @@ SCRIPTS = {
 }
 
 
+EOS = "<|endoftext|>"  # not the turn end: an engine stopping on it is stopping on an extra EOS id
+
+
 class ScriptedWorker:
     """Implements ``generate``: each prompt gets its task's next pre-written turn, tokenized with the
-    tiny model's tokenizer and closed with ``<|im_end|>`` (cut at ``max_tokens`` like an engine)."""
+    tiny model's tokenizer and closed with ``<|im_end|>`` (cut at ``max_tokens`` like an engine).
+    A turn written to end with ``EOS`` stops there instead, and with ``stop`` (a stop string) a
+    turn stops right after it, as an engine does."""
 
-    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
-        self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
+    def __init__(self, tokenizer, scripts: dict[str, list[str]], stop: str | None = None):
+        self.tokenizer, self.scripts, self.stop, self.calls = tokenizer, scripts, stop, []
 
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[PromptResult]:
         self.calls.append((len(prompts), dict(sampling)))
-        results = []
-        for prompt in prompts:
-            text = self.tokenizer.decode(prompt)
-            key = next(k for k in self.scripts if f"[{k}]" in text)
-            turn = text.count("<|im_start|>assistant\n") - 1
-            ids = self.tokenizer(self.scripts[key][turn], add_special_tokens=False)["input_ids"]
+        return [PromptResult(list(prompt), [self.turn(prompt, sampling)]) for prompt in prompts]
+
+    def turn(self, prompt: list[int], sampling: dict) -> Generation:
+        text = self.tokenizer.decode(prompt)
+        key = next(k for k in self.scripts if f"[{k}]" in text)
+        turn = text.count("<|im_start|>assistant\n") - 1
+        written = self.scripts[key][turn]
+        stop_reason = None
+        if written.endswith(EOS):
+            stop_reason = self.tokenizer.convert_tokens_to_ids(EOS)
+        elif self.stop and self.stop in written:
+            written, stop_reason = written[: written.index(self.stop) + len(self.stop)], self.stop
+        ids = self.tokenizer(written, add_special_tokens=False)["input_ids"]
+        if stop_reason is None:
             ids.append(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-            finish = "stop"
-            if len(ids) > sampling["max_tokens"]:
-                ids, finish = ids[: sampling["max_tokens"]], "length"
-            logprobs = [-token / 1000 for token in ids]
-            sample = Generation(ids, logprobs, self.tokenizer.decode(ids), finish)
-            results.append(PromptResult(list(prompt), [sample]))
-        return results
+        finish = "stop"
+        if len(ids) > sampling["max_tokens"]:
+            ids, finish, stop_reason = ids[: sampling["max_tokens"]], "length", None
+        logprobs = [-token / 1000 for token in ids]
+        return Generation(ids, logprobs, self.tokenizer.decode(ids), finish, stop_reason)
 
     def version(self) -> tuple[int, str]:
         return 7, "abc"
+
+
+class StreamingScriptedWorker(ScriptedWorker):
+    """Takes one request at a time (``generate_one``, like ``RolloutWorker``), each answered after
+    ``engine_s`` seconds; logs when each request for which task and turn came in and went out, and
+    tags each turn's tokens with the number of requests answered before it as their version."""
+
+    def __init__(self, tokenizer, scripts: dict[str, list[str]], engine_s: float = 0.01, **kw):
+        super().__init__(tokenizer, scripts, **kw)
+        self.engine_s, self.log, self.answered = engine_s, [], 0
+
+    async def generate_one(self, prompt: list[int], sampling: dict) -> Generation:
+        self.calls.append((1, dict(sampling)))
+        text = self.tokenizer.decode(prompt)
+        key, turn = next(k for k in self.scripts if f"[{k}]" in text), text.count("<|im_start|>assistant\n") - 1
+        await asyncio.sleep(self.engine_s)
+        generation = self.turn(prompt, sampling)
+        generation.versions = [self.answered] * len(generation.token_ids)
+        self.answered += 1
+        self.log.append((key, turn, time.perf_counter()))
+        return generation
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +290,110 @@ def test_prompts_are_spread_over_several_workers(tokenizer, registry):
         run_episodes(make_tasks(registry, scripts), [workers[0], Stale(tokenizer, turns)], tokenizer, LoopConfig(), registry)
 
 
+def test_episodes_at_their_own_pace_record_what_the_turn_barrier_records(tokenizer, registry):
+    """A worker that takes requests one at a time: same episodes, tokens and records as the batched
+    turn barrier; each generated token carries the version of the request that sampled it."""
+    batched, _ = run(tokenizer, registry, SCRIPTS)
+    turns = {k: t for k, (_, t) in SCRIPTS.items()}
+    loop = LoopConfig(max_turns=3, max_new_tokens=128, max_total_tokens=4096)
+    for schedule in ("episode", "turn_barrier"):
+        worker = StreamingScriptedWorker(tokenizer, turns)
+        cfg = loop.model_copy(update={"schedule": schedule})
+        out = {t.task.id: t for t in run_episodes(make_tasks(registry, SCRIPTS), worker, tokenizer, cfg, registry)}
+        assert all(n == 1 for n, _ in worker.calls) and len(worker.calls) == sum(len(t.episode.turns) for t in out.values())
+        for key, trajectory in out.items():
+            same = batched[key]
+            assert (trajectory.token_ids, trajectory.action_mask, trajectory.logprobs) == (same.token_ids, same.action_mask, same.logprobs)
+            assert trajectory.episode == same.episode
+            check_tokens(tokenizer, trajectory, SCRIPTS[key][1])
+            versions = trajectory.versions
+            assert len(versions) == len(trajectory.token_ids)
+            assert all((v is None) == (m == 0) for v, m in zip(versions, trajectory.action_mask))
+            assert trajectory.policy_version == max(v for v in versions if v is not None)
+        # Each turn's tokens carry one version, and a later turn's is newer.
+        per_turn = [v for i, v in enumerate(out["turn_limit"].versions) if v is not None and (i == 0 or out["turn_limit"].versions[i - 1] != v)]
+        assert len(per_turn) == 3 and per_turn == sorted(per_turn)
+    # A worker whose generations carry no versions: its version() at the start stands for them.
+    assert all(v == (7 if m else None) for t in batched.values() for v, m in zip(t.versions, t.action_mask))
+
+
+def slow_lookup(key: str) -> dict:
+    """A lookup behind a slow API.
+
+    Args:
+        key: What to look up.
+    """
+    time.sleep(0.6)
+    return {"key": key, "value": 1}
+
+
+def test_an_episode_whose_tools_are_slow_holds_back_no_other(tokenizer, registry):
+    reg = builtin_registry()
+    reg.register(slow_lookup)
+    scripts = {
+        "slow_a": (["slow_lookup"], [call("slow_lookup", key="a"), "Found a."]),
+        "slow_b": (["slow_lookup"], [format_tool_calls([ToolCall("slow_lookup", {"key": "b"}), ToolCall("slow_lookup", {"key": "c"})]), "Found b, c."]),
+        **{f"fast_{i}": (["calculator"], [call("calculator", expression=f"{i} + 1"), call("calculator", expression=f"{i} * 2"), f"Done {i}."]) for i in range(4)},
+    }
+    turns = {k: t for k, (_, t) in scripts.items()}
+    loop = LoopConfig(max_turns=3, max_new_tokens=128, max_total_tokens=4096, tool_timeout_s=5)
+    logs = {}
+    for schedule in ("episode", "turn_barrier"):
+        worker = StreamingScriptedWorker(tokenizer, turns)
+        start = time.perf_counter()
+        out = run_episodes(make_tasks(reg, scripts), worker, tokenizer, loop.model_copy(update={"schedule": schedule}), reg)
+        logs[schedule] = (worker.log, time.perf_counter() - start)
+        assert [len(t.episode.turns) for t in out] == [2, 2, 3, 3, 3, 3]
+        assert all(t.episode.end_reason == EndReason.FINAL_ANSWER and not t.episode.turns[0].tool_errors for t in out)
+    # Three 0.6 s calls in two episodes ran at once, not one after another (1.8 s).
+    log, wall = logs["episode"]
+    assert wall < 1.2
+    slow_back = min(t for key, turn, t in log if key.startswith("slow") and turn == 1)
+    fast_done = max(t for key, turn, t in log if key.startswith("fast"))
+    # The fast episodes took all three of their turns while the slow tools ran.
+    assert fast_done < slow_back
+    # With a barrier at every turn, they wait for the slow tools before their second turn.
+    log, _ = logs["turn_barrier"]
+    slow_back = min(t for key, turn, t in log if key.startswith("slow") and turn == 1)
+    assert min(t for key, turn, t in log if key.startswith("fast") and turn == 1) > slow_back - 0.05
+
+
+def test_a_turn_that_stops_without_its_turn_end_gets_it_appended_unsampled(tokenizer, registry):
+    """An extra EOS id or a stop string ends the turn: what was sampled stays, the template's
+    ``<|im_end|>`` follows with mask 0, log-prob 0 and no version, and the episode goes on."""
+    scripts = {
+        "eos_call": (["calculator"], [call("calculator", expression="2 + 3") + EOS, "It is 5."]),
+        "stop_string": (["calculator"], [call("calculator", expression="2 * 3") + "\nand more", "It is 6."]),
+        "eos_answer": (["calculator"], ["All done." + EOS]),
+    }
+    turns = {k: t for k, (_, t) in scripts.items()}
+    worker = StreamingScriptedWorker(tokenizer, turns, stop="</tool_call>")
+    loop = LoopConfig(max_turns=3, max_new_tokens=128, max_total_tokens=4096)
+    out = {t.task.id: t for t in run_episodes(make_tasks(registry, scripts), worker, tokenizer, loop, registry)}
+    im_end, eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", EOS])
+    results = {k: [m["content"] for m in t.episode.messages if m["role"] == "tool"] for k, t in out.items()}
+    assert results == {"eos_call": ['{"result": 5}'], "stop_string": ['{"result": 6}'], "eos_answer": []}
+    assert [t.episode.end_reason for t in out.values()] == [EndReason.FINAL_ANSWER] * 3
+    assert out["eos_answer"].episode.final_answer == "All done."
+    # The EOS is kept in the message (so the messages render to the tokens), not in the parsed text.
+    assert out["eos_call"].episode.messages[1]["content"].endswith(EOS)
+    assert out["eos_call"].episode.turns[0].text == call("calculator", expression="2 + 3")
+    assert out["stop_string"].episode.messages[1]["tool_calls"][0]["function"]["name"] == "calculator"
+    for key, trajectory in out.items():
+        ids, mask = trajectory.token_ids, trajectory.action_mask
+        appended = [i for i in range(len(ids)) if ids[i] == im_end and mask[i] == 0 and i > 0 and mask[i - 1] == 1]
+        assert len(appended) == 1
+        (i,) = appended
+        assert trajectory.logprobs[i] == 0.0 and trajectory.versions[i] is None
+        assert (ids[i - 1] == eos) == key.startswith("eos") and trajectory.versions[i - 1] is not None
+        fresh = tokenize_conversation(tokenizer, trajectory.episode.messages, trajectory.task.tools)
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        assert ids == fresh["input_ids"][: -len(newline)]
+        # The SFT loss mask, but for the appended turn end: the policy did not sample it.
+        assert [m for j, m in enumerate(mask) if j != i] == [m for j, m in enumerate(fresh["loss_mask"][: len(ids)]) if j != i]
+        assert fresh["loss_mask"][i] == 1
+
+
 def check_tokens(tokenizer, trajectory: Trajectory, script: list[str]) -> None:
     """The sequence is a fresh render of the messages; the mask picks exactly the generated turns."""
     ids, mask, episode = trajectory.token_ids, trajectory.action_mask, trajectory.episode
@@ -305,11 +443,24 @@ def test_real_vllm_worker_runs_the_loop_on_tool_world_tasks(tiny_model_dir):
     tasks = generate_world(WorldConfig(n_train=0, n_validation=0, n_test=6, distractor_tools=0))["test"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     worker = RolloutWorker({"model": tiny_model_dir, "max_model_len": 2048})
+
+    async def across_a_sync(prompt: list[int]) -> Generation:
+        """A request in flight while a new policy version lands between two engine steps."""
+        request = asyncio.ensure_future(worker.generate_one(prompt, {"max_tokens": 16, "ignore_eos": True}))
+        start = worker.engine_stats()["steps"]
+        while worker.engine_stats()["steps"] < start + 6:
+            await asyncio.sleep(0)
+        worker.policy_version = 1  # what a weight sync leaves behind
+        return await request
+
     try:
         loop = LoopConfig(max_turns=2, max_new_tokens=24, max_total_tokens=2048, sampling=SamplingConfig(temperature=1.0))
         out = run_episodes(tasks, worker, tokenizer, loop)
+        crossing = asyncio.run(across_a_sync(out[0].token_ids[: out[0].prompt_length]))
     finally:
         worker.shutdown()
+    # Each token carries the version of the step that sampled it.
+    assert crossing.versions == [0] * 6 + [1] * 10
     assert [t.task.id for t in out] == [t.id for t in tasks]
     for trajectory in out:
         assert trajectory.policy_version == 0
@@ -319,3 +470,74 @@ def test_real_vllm_worker_runs_the_loop_on_tool_world_tasks(tiny_model_dir):
         assert trajectory.episode.turns
     metrics = compute_metrics(tasks, [t.episode for t in out])
     assert metrics["n_tasks"] == len(tasks) and metrics["tokens_per_query"] > 0
+
+
+class WithSampling:
+    """The real worker in a Ray actor, with extra vLLM sampling keys on every request."""
+
+    def __init__(self, actor, **extra):
+        self.actor, self.extra = actor, extra
+
+    async def generate_one(self, prompt: list[int], sampling: dict) -> Generation:
+        return await self.actor.generate_one.remote(prompt, {**sampling, **self.extra})
+
+    def version(self) -> tuple[int, str | None]:
+        import ray
+
+        return ray.get(self.actor.version.remote())
+
+
+@pytest.mark.slow
+def test_real_vllm_turns_that_stop_on_an_extra_eos_or_a_stop_string_are_closed(tiny_model_dir, tmp_path):
+    """A copy of the tiny model whose generation config names ``<|endoftext|>`` a second EOS (as
+    Qwen's does); a logit bias makes the (random) model sample it, or newlines with a stop string
+    "\\n\\n", often. Every episode completes, and each such turn is closed by an appended turn end."""
+    import shutil
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from cluster.local import RayConfig, local_ray
+    from rollout.vllm_worker import RolloutWorker
+    from tooltune.world import WorldConfig, generate_world
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, 0]}))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    im_end, eos, newline = tokenizer.convert_tokens_to_ids(["<|im_end|>", EOS]) + tokenizer("\n", add_special_tokens=False)["input_ids"]
+    tasks = generate_world(WorldConfig(n_train=0, n_validation=0, n_test=8, distractor_tools=0))["test"]
+    loop = LoopConfig(max_turns=2, max_new_tokens=48, max_total_tokens=2048, on_parse_failure="continue", sampling=SamplingConfig(seed=0))
+    with local_ray(RayConfig(object_store_gib=0.5)):
+        actor = ray.remote(RolloutWorker).remote({"model": str(model), "max_model_len": 2048})
+        try:
+            runs = {
+                "eos": run_episodes(tasks, WithSampling(actor, logit_bias={eos: 4.0}), tokenizer, loop),
+                "stop": run_episodes(tasks, WithSampling(actor, logit_bias={newline: 5.0}, stop=["\n\n"]), tokenizer, loop),
+            }
+        finally:
+            ray.get(actor.shutdown.remote())
+            ray.kill(actor)
+    for kind, out in runs.items():
+        assert [t.task.id for t in out] == [t.id for t in tasks]
+        closed_by_loop = 0
+        for t in out:
+            ids, mask = t.token_ids, t.action_mask
+            assert len(ids) == len(mask) == len(t.logprobs) == len(t.versions)
+            assert all((v == 0) == bool(m) and (lp <= 0 if m else lp == 0.0) for v, m, lp in zip(t.versions, mask, t.logprobs))
+            starts = [i for i in range(1, len(ids)) if mask[i] and not mask[i - 1]]
+            ends = [i for i in range(1, len(ids)) if mask[i - 1] and not mask[i]] + ([len(ids)] if mask[-1] else [])
+            assert len(starts) == len(ends) == len(t.episode.turns)
+            for turn, end in enumerate(ends):
+                if ids[end - 1] == im_end:
+                    continue  # closed by the model itself
+                if end == len(ids):
+                    assert t.episode.end_reason == EndReason.LENGTH and turn == len(ends) - 1
+                    continue
+                # Stopped otherwise: the turn end follows, not sampled.
+                assert ids[end] == im_end and t.logprobs[end] == 0.0 and t.versions[end] is None
+                last = ids[end - 1]
+                assert last == eos if kind == "eos" else "\n\n" in tokenizer.decode(ids[starts[turn] : end])
+                closed_by_loop += 1
+        assert closed_by_loop >= 4, kind

@@ -118,6 +118,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 # ---- vLLM and HF agree ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_vllm_and_hf_workers_agree(vllm_worker, tiny_model_dir, prompts):
+    """Greedy: the same tokens, texts, finish and stop reasons, log-probs and scores."""
     # Two sequences per batch: prompts of different lengths meet under left padding.
     hf = HFRolloutWorker({"model": tiny_model_dir, "max_batch_sequences": 2, **HF})
     greedy = {"temperature": 0, "max_tokens": 24}
@@ -139,15 +140,79 @@ def test_vllm_and_hf_workers_agree(vllm_worker, tiny_model_dir, prompts):
         if sampling is not greedy:
             assert any(r.samples[0].finish_reason == "stop" for r in from_vllm)
 
-    # Sampled: both report log-probs of the raw model distribution, whatever temperature and top-p.
-    sampling = {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5}
-    for worker in (vllm_worker, hf):
-        out = worker.generate(prompts, sampling)
-        seqs = [r.prompt_token_ids + s.token_ids for r in out for s in r.samples]
-        lps = [s.logprobs for r in out for s in r.samples]
-        for seq, lp, scored in zip(seqs, lps, hf.score(seqs)):
-            assert max_diff(lp, scored[-len(lp) :]) < TOL
-    assert max_diff(vllm_worker.score(seqs)[0], hf.score(seqs)[0]) < TOL
+    seqs = [r.prompt_token_ids + r.samples[0].token_ids for r in ref]
+    for a, b in zip(vllm_worker.score(seqs), hf.score(seqs)):
+        assert max_diff(a, b) < TOL
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model with its logits scaled 5x: peaked like a trained model's (the random one's
+    are nearly flat), so top-k and top-p keep a few tokens, with no near-ties at their edges."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+@torch.no_grad()
+def sampled_from_logprobs(model, seq: list[int], new: int, temperature: float, top_k: int, top_p: float) -> list[float]:
+    """By hand, the log-prob of each of the last ``new`` tokens under the distribution it was
+    sampled from: logits / temperature; the ``top_k`` largest kept; then, from the least likely
+    up, a token dropped while the mass up to and including it is at most 1 - ``top_p``."""
+    logits = model(input_ids=torch.tensor([seq])).logits[0, -new - 1 : -1].float() / temperature
+    out = []
+    for row, token in zip(logits, seq[-new:]):
+        row = row.masked_fill(row < row.topk(top_k).values[-1], float("-inf"))
+        ascending, order = row.sort()
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[-1] = False
+        row[order[drop]] = float("-inf")
+        out.append(torch.log_softmax(row, -1)[token].item())
+    return out
+
+
+@pytest.mark.slow
+def test_sampled_logprobs_are_those_of_the_distribution_sampled_from(ray_local, sharp_model_dir, prompts):
+    """The behaviour policy's log-probs, after temperature, top-k and top-p, from both workers and
+    from vLLM's batched and one-request paths; the raw model log-probs differ from them."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from rollout.vllm_worker import RolloutWorker
+
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
+    temperature, top_k, top_p = 0.7, 20, 0.9
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": 12, "ignore_eos": True, "seed": 5}
+    hf = HFRolloutWorker({"model": sharp_model_dir, **HF})
+    vllm = Remote(RolloutWorker, {"model": sharp_model_dir})
+    try:
+        runs = {
+            "vllm generate": vllm.generate(prompts, {**sampling, "n": 2}),
+            "vllm generate_one": [ray.get(vllm.actor.generate_one.remote(p, sampling)) for p in prompts],
+            "hf generate": hf.generate(prompts, {**sampling, "n": 2}),
+        }
+    finally:
+        vllm.close()
+        hf.shutdown()
+    for name, out in runs.items():
+        pairs = [(p, s) for p, r in zip(prompts, out) for s in (r.samples if hasattr(r, "samples") else [r])]
+        assert len(pairs) == len(prompts) * (1 if name.endswith("one") else 2)
+        moved = 0
+        for prompt, sample in pairs:
+            seq, new = prompt + sample.token_ids, len(sample.token_ids)
+            expected = sampled_from_logprobs(model, seq, new, temperature, top_k, top_p)
+            assert max_diff(sample.logprobs, expected) < TOL, name
+            assert sample.versions == [0] * new
+            raw = forward_logprobs(model, seq)[-new:]
+            moved += sum(abs(e - r) > 0.05 for e, r in zip(expected, raw))
+        # Most tokens' log-probs move: reporting raw ones would fail the comparison above.
+        assert moved > len(pairs) * 6, name
 
 
 @pytest.mark.slow
@@ -165,27 +230,43 @@ def test_vllm_seeded_sampling_with_more_prompt_tokens_than_one_step(vllm_worker)
 
 
 # ---- weight sync into vLLM ------------------------------------------------------------------
+def object_store_sync(state: dict[str, torch.Tensor], version: int) -> tuple[dict, list]:
+    """A sync of ``state`` as the object-store transport carries it: the plan, and bucket refs."""
+    import ray
+
+    from tooltune.weights import CHECKSUM_BYTES, dtype_name, pack_bucket, plan_buckets
+
+    plan = plan_buckets([(k, tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()], 1 << 20, version)
+    refs = []
+    for bucket in plan.buckets:
+        buffer = torch.empty(bucket.nbytes + CHECKSUM_BYTES, dtype=torch.uint8)
+        pack_bucket([state[e.name] for e in bucket.entries], bucket, buffer)
+        refs.append(ray.put(buffer.numpy()))
+    return plan.model_dump(), refs
+
+
 @pytest.mark.slow
-def test_vllm_weight_update_serves_new_weights_and_refuses_bad_syncs(vllm_worker, tiny_model_dir, prompts):
+def test_vllm_weight_sync_serves_new_weights_and_refuses_bad_syncs(vllm_worker, tiny_model_dir, prompts):
+    from tooltune.weights import WeightSyncRefused
+
     state, model = perturbed(tiny_model_dir, seed=1)
-    blob, checksum = blob_of(state)
     seq = prompts[0] + prompts[2]
     expected = forward_logprobs(model, seq)
 
     before = vllm_worker.score([seq])[0]
-    assert vllm_worker.update_weights(blob, 1, checksum) == checksum
+    digest = vllm_worker.receive_weights(*object_store_sync(state, 1))["digest"]
     after = vllm_worker.score([seq])[0]
     assert max_diff(after, expected) < TOL
     assert max_diff(before, after) > 10 * TOL
-    assert vllm_worker.version() == (1, checksum)
+    assert vllm_worker.version() == (1, digest)
 
-    other, _ = blob_of(perturbed(tiny_model_dir, seed=2)[0])
-    with pytest.raises(RuntimeError, match="checksum"):
-        vllm_worker.update_weights(other, 2, checksum)
-    assert vllm_worker.version() == (1, checksum)
-    with pytest.raises(ValueError, match="not newer"):
-        vllm_worker.update_weights(blob, 1, checksum)
-    assert vllm_worker.version() == (1, checksum)
+    other, _ = perturbed(tiny_model_dir, seed=2)
+    with pytest.raises(WeightSyncRefused, match="not newer"):
+        vllm_worker.receive_weights(*object_store_sync(other, 1))
+    with pytest.raises(WeightSyncRefused, match="unknown: model.extra.weight"):
+        vllm_worker.receive_weights(*object_store_sync({**other, "model.extra.weight": torch.zeros(2)}, 2))
+    assert vllm_worker.version() == (1, digest)
+    assert vllm_worker.score([seq])[0] == after
 
 
 # ---- the HF worker alone (fast) -------------------------------------------------------------
