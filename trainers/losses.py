@@ -151,3 +151,41 @@ def value_loss(fwd, batch: dict[str, torch.Tensor], clip_eps: float | None = 0.2
     mask = batch["action_mask"][:, 1:]
     old = batch["old_values"][:, 1:].float() if clip_eps is not None else values.detach()
     return clipped_value_loss(values, old, batch["returns"][:, 1:].float(), mask, clip_eps)
+
+
+# ---- reward model: Bradley–Terry over (chosen, rejected) pairs ---------------------------------
+
+
+def bradley_terry_core(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Stats]:
+    """``sum(-log sigmoid(chosen - rejected - margin))`` over pairs: the negative log-likelihood
+    that each chosen answer beats its rejected one, asking it to win by at least ``margin``.
+
+    Stats: ``pairs``, ``correct`` (pairs where chosen scores above rejected, margin aside) and
+    ``loss_sum``.
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"{tuple(chosen.shape)} chosen scores for {tuple(rejected.shape)} rejected ones")
+    diff = chosen.float() - rejected.float()
+    if margin is not None:
+        diff = diff - margin.to(diff)
+    total = -torch.nn.functional.logsigmoid(diff).sum()
+    stats = {
+        "pairs": float(chosen.numel()),
+        "correct": float((chosen.detach() > rejected.detach()).sum()),
+        "loss_sum": float(total.detach()),
+    }
+    return total, stats
+
+
+def bradley_terry_loss(fwd, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+    """A reward model's loss; units: pairs. Rows come in consecutive (chosen, rejected) pairs: row
+    2i is the better answer, row 2i+1 the worse one to the same prompt. The optional per-row column
+    ``margin`` is read at the chosen rows. The score of a row is the reward head's value at its
+    last real token."""
+    scores = fwd.last_token_values()
+    if scores.shape[0] % 2:
+        raise ValueError(f"{scores.shape[0]} rows: a Bradley–Terry batch holds (chosen, rejected) pairs, an even number of rows")
+    margin = batch["margin"][0::2] if "margin" in batch else None
+    return bradley_terry_core(scores[0::2], scores[1::2], margin)
