@@ -244,6 +244,7 @@ class RolloutWorker:
                 stream.finish(out.outputs[0])
         if not engine.has_unfinished_requests():
             self._requests.idle()
+            self._drop_retired_adapters()
 
     def _run_until(self, request_ids: list[str]) -> list[Any]:
         """Step the engine until these requests finish; their outputs, in order."""
@@ -303,16 +304,24 @@ class RolloutWorker:
             self._lora_request = request
         else:
             self._lora_request = None
-            self.llm.reset_prefix_cache()
-        # A request keeps the adapter it started with (the engine reloads an evicted one from its
-        # directory): older adapters go only once no request is left that could use them.
-        if not self.llm.llm_engine.has_unfinished_requests():
-            for old in self._retired_adapters:
-                self.llm.llm_engine.remove_lora(old.lora_int_id)
-                shutil.rmtree(old.lora_path, ignore_errors=True)
-            self._retired_adapters = []
+            # Cached prefixes hold keys and values of the old weights. Requests in flight are
+            # reset too (recomputed under the new weights): a plain reset refuses while any run.
+            if not self.llm.reset_prefix_cache(reset_running_requests=True):
+                raise RuntimeError(f"weight sync to version {version}: vLLM refused to reset its prefix cache")
+        self._drop_retired_adapters()
         self.policy_version, self.weights_checksum = version, result["digest"]
         return result
+
+    def _drop_retired_adapters(self) -> None:
+        """A request keeps the adapter it started with (the engine reloads an evicted one from its
+        directory): older adapters go once no request is left that could use them. Called after
+        a sync and whenever the engine runs dry."""
+        if not self._retired_adapters or self.llm.llm_engine.has_unfinished_requests():
+            return
+        for old in self._retired_adapters:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self._retired_adapters = []
 
     def current_lora_request(self):
         """The adapter that generation and scoring must pass (``lora_request=``); None serves the

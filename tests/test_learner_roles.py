@@ -44,7 +44,12 @@ def test_ppo_step_reference_and_critic(ray_cluster, tiny_model_dir):
 
     actor = group("actor", tiny_model_dir, ranks=2, zero_stage=2, lr=1e-3, micro_batch_size=2)
     reference = group("reference", tiny_model_dir, trainable=False, zero_stage=0, micro_batch_size=3)
-    sharded_reference = group("reference-z3", tiny_model_dir, ranks=2, trainable=False, zero_stage=3, micro_batch_size=2)
+    # Every weight partitioned (the tiny model's would otherwise all stay whole) and short chunks:
+    # the LM head gathers once per chunk, so ranks with different loads must still keep in step.
+    sharded_reference = group(
+        "reference-z3", tiny_model_dir, ranks=2, trainable=False, zero_stage=3, micro_batch_size=2,
+        zero3_persistence_threshold=0, logprob_chunk_tokens=4,
+    )
     critic = group("critic", tiny_model_dir, head="value", lr=1e-2, micro_batch_size=4)
     try:
         # The frozen reference is the actor before any step, batched in micro-batches of 3.
@@ -52,8 +57,8 @@ def test_ppo_step_reference_and_critic(ray_cluster, tiny_model_dir):
         ref = reference.first("logprobs", SEQS)
         assert [len(r) for r in ref] == [len(s) - 1 for s in SEQS]
         assert max(abs(a - b) for x, y in zip(before, ref) for a, b in zip(x, y)) < 1e-5
-        # Partitioned over two ranks (each scoring its own rows), the same numbers.
-        halves = sharded_reference.each("logprobs", [(SEQS[:2],), (SEQS[2:],)])
+        # Partitioned over two ranks, each scoring its own rows (3 and 1: two micro-batches and one), the same numbers.
+        halves = sharded_reference.each("logprobs", [(SEQS[:3],), (SEQS[3:],)])
         assert max(abs(a - b) for x, y in zip(halves[0] + halves[1], ref) for a, b in zip(x, y)) < 1e-5
         with pytest.raises(ray.exceptions.RayTaskError, match="frozen learner"):
             reference.first("train_step", {"input_ids": SEQS[:3]}, ppo_policy_loss, 1.0)

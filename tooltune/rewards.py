@@ -24,8 +24,8 @@ breakdown always shows which case applied). The total is the sum of:
 So "1+1" answered "2" directly earns +5, and answered "2" after a calculator call earns
 -5 + 2 - 0.5 = -3.5. On "weather in Paris?" the exact call and a right answer earn 10 + 2 = 12;
 one guess with the wrong city earns -2 - 0.5 = -2.5; five guesses that include Paris earn
--2 + 0 - 4 x 0.5 = -4, whatever they answer. Guessing one of n candidate calls thus always beats
-calling all n: the spray earns -2 - 0.5 (n - 1), the guess at least -2.5.
+-2 + 0 - 4 x 0.5 = -4, whatever they answer. Against guessing one of n candidate calls,
+calling all n is never better: the spray earns -2 - 0.5 (n - 1), the guess at least -2.5.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def rule_reward(task: Task, episode: Episode, cfg: RewardConfig | None = None) -
     """The reward of ``episode`` on ``task`` under ``cfg`` (the defaults when None); see the module docstring."""
     cfg = cfg or RewardConfig()
     made, expected = episode.calls, task.flat_expected_calls()
-    exact = bool(made) and calls_match_exactly(task, episode)
+    exact = calls_match_exactly(task, episode)
     parts: dict[str, float] = {}
     if task.needs_tool:
         if not episode.attempted_call:

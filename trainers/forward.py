@@ -52,6 +52,32 @@ def pad_columns(columns: Columns, device: torch.device | str = "cpu") -> dict[st
     return {k: v.to(device) for k, v in out.items()}
 
 
+def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` of any rank of the default process group (a collective)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def pad_to_common_shape(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pad a padded batch to the largest rows x width of any rank (a collective). Added rows
+    hold one attended token (id 0; a row attending to nothing would give NaN) and zeros
+    elsewhere, so every mask and loss column is 0 there."""
+    rows, width = batch["input_ids"].shape
+    device = batch["input_ids"].device
+    most_rows, most_width = max_over_ranks(rows, device), max_over_ranks(width, device)
+    out = {}
+    for key, t in batch.items():
+        if t.dim() >= 2 and t.shape[1] == width:
+            t = torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, most_width - width])
+        out[key] = torch.cat([t, t.new_zeros((most_rows - rows, *t.shape[1:]))]) if most_rows > rows else t
+    if "attention_mask" in out and most_rows > rows:
+        out["attention_mask"][rows:, 0] = 1
+    return out
+
+
 def unpad(values: torch.Tensor, lengths: list[int]) -> list[list[float]]:
     """Per-row lists of the first ``lengths[i]`` entries of row i."""
     return [row[:n].tolist() for row, n in zip(values.float().cpu(), lengths)]

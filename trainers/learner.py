@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from tooltune.config import StrictModel
-from trainers.forward import Columns, Forward, num_rows, pad_columns, split_rows, unpad
+from trainers.forward import Columns, Forward, max_over_ranks, num_rows, pad_columns, pad_to_common_shape, split_rows, unpad
 
 Loss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 """``loss(fwd, batch, **kwargs) -> (summed loss, summed stats)``: see ``trainers.losses``."""
@@ -57,6 +57,8 @@ class LearnerConfig(StrictModel):
     # Sequence positions per chunk when log-probs and entropy are computed (bounds the
     # [chunk, vocab] fp32 tensor that is alive at once).
     logprob_chunk_tokens: int = Field(1024, ge=1)
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default).
+    zero3_persistence_threshold: int = Field(100_000, ge=0)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
     # None: transformers' default (sdpa where torch has it). Packed rows are masked per document
@@ -133,7 +135,8 @@ class Learner:
             "gradient_accumulation_steps": c.grad_accum_steps,
             "train_batch_size": c.micro_batch_size * c.grad_accum_steps * self.world_size,
             "gradient_clipping": c.grad_clip,
-            "zero_optimization": {"stage": c.zero_stage},
+            "zero_optimization": {"stage": c.zero_stage}
+            | ({"stage3_param_persistence_threshold": c.zero3_persistence_threshold} if c.zero_stage == 3 else {}),
             # A client torch optimizer avoids DeepSpeed's JIT-built Adam kernels (minutes on CPU).
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": c.dtype == "bfloat16"},
@@ -188,9 +191,27 @@ class Learner:
     def _runner(self):
         return self.engine if self.engine is not None else self._model
 
+    @property
+    def _lockstep(self) -> bool:
+        """ZeRO-3 over several ranks: every call of a partitioned module gathers its weights (a
+        collective), so the ranks must make the same calls. The LM head runs once per chunk of
+        positions outside the model's forward, so every rank pads to the same shape, and runs
+        as many micro-batches, as the largest."""
+        return self.cfg.zero_stage == 3 and self.world_size > 1
+
     def _forward(self, columns: Columns) -> Forward:
         batch = pad_columns(columns, self.device)
+        if self._lockstep:
+            batch = pad_to_common_shape(batch)
         return Forward(self._runner(), batch, self.cfg.head, self.cfg.logprob_chunk_tokens)
+
+    def _parts(self, input_ids: list[list[int]]) -> list[Columns]:
+        """Micro-batches of unpadded sequences; in lockstep, one-token stand-ins fill up to the
+        largest count of any rank (their outputs are dropped: they have no rows in ``input_ids``)."""
+        parts = split_rows({"input_ids": input_ids}, self.cfg.micro_batch_size)
+        if self._lockstep:
+            parts += [{"input_ids": [[0]]}] * (max_over_ranks(len(parts), self.device) - len(parts))
+        return parts
 
     def _micro_batches(self, batch: Columns | list[Columns]) -> list[Columns]:
         """A training step's micro-batches: given as such (a list), or cut from this rank's rows."""
@@ -252,9 +273,9 @@ class Learner:
         """``fn`` over micro-batches of unpadded sequences, cut back to ``len(seq) - drop`` per row."""
         out: list[list[float]] = []
         with self._evaluating():
-            for part in split_rows({"input_ids": input_ids}, self.cfg.micro_batch_size):
+            for part in self._parts(input_ids):
                 out += unpad(fn(self._forward(part)), [len(s) - drop for s in part["input_ids"]])
-        return out
+        return out[: len(input_ids)]
 
     def eval_loss(self, batch: Columns | list[Columns], loss_fn: Loss, **loss_kwargs: Any) -> dict[str, float]:
         """The loss's summed stats without a step (validation); micro-batches given or cut here."""
@@ -289,9 +310,9 @@ class Learner:
         """A reward model's score of each sequence: the head's output at its last token."""
         out: list[float] = []
         with self._evaluating():
-            for part in split_rows({"input_ids": input_ids}, self.cfg.micro_batch_size):
-                out += self._forward(part).last_token_values().float().cpu().tolist()
-        return out
+            for part in self._parts(input_ids):
+                out += self._forward(part).last_token_values().float().cpu().tolist()[: len(part["input_ids"])]
+        return out[: len(input_ids)]
 
     def with_model(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(model, *args)`` on this rank's model as it is now, in eval mode without

@@ -23,7 +23,9 @@ Stats = dict[str, float]
 
 
 def uses_flash_attention(model) -> bool:
-    """Whether ``model`` (a transformers model, or a PEFT wrapper of one) runs flash attention."""
+    """Whether ``model`` (a transformers model, a PEFT wrapper, or a DeepSpeed engine around
+    either) runs flash attention. An engine's own ``config`` is DeepSpeed's, so look inside it."""
+    model = getattr(model, "module", model)
     return "flash" in (getattr(model.config, "_attn_implementation", None) or "")
 
 
@@ -123,7 +125,10 @@ def ppo_policy_loss(
         total = total - entropy_coef * ent
         stats["entropy_sum"] = float(ent)
     if kl_coef > 0:
-        kl = (kl_k3(logp, batch["ref_logprobs"][:, 1:].float()) * mask).sum()
+        # Padded columns hold reference log-prob 0: exp(0 - logp) can overflow there, and
+        # inf * 0 is NaN, so they compare the policy with itself instead.
+        ref = torch.where(mask.bool(), batch["ref_logprobs"][:, 1:].float(), logp.detach())
+        kl = (kl_k3(logp, ref) * mask).sum()
         total = total + kl_coef * kl
         stats["kl_sum"] = float(kl)
     stats["loss_sum"] = float(total.detach())
@@ -145,11 +150,14 @@ def clipped_value_loss(
 
 
 def value_loss(fwd, batch: dict[str, torch.Tensor], clip_eps: float | None = 0.2) -> tuple[torch.Tensor, Stats]:
-    """The critic's loss: columns ``action_mask``, ``returns`` and ``old_values`` (when clipping);
-    the value of the state in which token t was generated is the head's output at t-1."""
+    """The critic's loss: columns ``action_mask``, ``returns`` and ``old_values`` (when clipping).
+
+    The value of the state in which token t was generated is the head's output at t-1: it is
+    compared with ``returns[t]``. ``old_values`` is the head's output as ``Learner.values``
+    returns it (entry t = output at token t, one per token), so it is read at t-1 as well."""
     values = fwd.values()[:, :-1]
     mask = batch["action_mask"][:, 1:]
-    old = batch["old_values"][:, 1:].float() if clip_eps is not None else values.detach()
+    old = batch["old_values"][:, :-1].float() if clip_eps is not None else values.detach()
     return clipped_value_loss(values, old, batch["returns"][:, 1:].float(), mask, clip_eps)
 
 
