@@ -79,7 +79,7 @@ def run_smoke(cfg: SmokeConfig) -> dict:
             sync = sync_weights(learners, [worker], version=1)
 
             after = ray.get(worker.score.remote([probe]))[0]
-            learner_lp = ray.get(learners[0].eval_logprobs.remote([probe]))[0]
+            learner_lp = ray.get(learners[0].logprobs.remote([probe]))[0]
             ray.get(worker.shutdown.remote())
         finally:
             rollout_group.close()

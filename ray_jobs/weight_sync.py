@@ -11,7 +11,9 @@ bytes do not. The receivers agree on the plan before any byte moves and on the b
 any engine loads them, so a refusal (``WeightSyncRefused``, raised here) leaves every worker
 on the version it had. With the object-store transport (``WeightSyncConfig.transport``),
 rank 0 puts the buckets in the object store and the workers fetch them: nothing streams, but
-it needs no network path between the processes beyond Ray's.
+it needs no network path between the processes beyond Ray's. There each worker verifies on its
+own (no group to vote in): a refusal leaves that worker on its version, and the driver sees the
+error; workers that accepted serve the new one.
 """
 
 from __future__ import annotations

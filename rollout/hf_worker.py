@@ -1,7 +1,9 @@
 """A rollout worker over transformers ``generate``: the fallback where vLLM does not serve a
 model or a machine, and the baseline the rollout benchmark measures vLLM against.
 
-Same interface and result types as ``RolloutWorker``, and the same semantics for what a caller
+The batch interface and result types of ``RolloutWorker`` (``generate``, ``score``, ``version``;
+not its per-request ``generate_one`` nor the streamed weight sync: new weights arrive as one
+safetensors blob, ``update_weights``), and the same semantics for what a caller
 sees: sampling keys as in vLLM's ``SamplingParams``, log-probs of the sampled tokens under the
 distribution they were sampled from (after temperature, top-k and top-p, like the vLLM worker's
 ``processed_logprobs``), the policy version of each token, finish reasons "stop"/"length"

@@ -298,10 +298,6 @@ class Learner:
         """The entropy of the next-token distribution at each position t >= 1 (as ``logprobs``)."""
         return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature, entropy=True)[1], drop=1)
 
-    def eval_logprobs(self, input_ids: list[list[int]]) -> list[list[float]]:
-        """Per-token log-probs at temperature 1 (what weight-sync checks compare)."""
-        return self.logprobs(input_ids)
-
     def values(self, input_ids: list[list[int]]) -> list[list[float]]:
         """The scalar head's output at every token of each sequence (a critic's values)."""
         return self._per_row(input_ids, lambda fwd: fwd.values(), drop=0)
