@@ -35,11 +35,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable
+from typing import Any, Iterator, TypeVar
 
 from tooltune.chat import normalize_messages
 from tooltune.formats import CONVERTERS, detect, json_field
 from tooltune.schema import tools_by_name, validate_arguments, validate_tool_definition
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,28 @@ def _as_openai_tool(tool: Any) -> dict[str, Any]:
     if not function.get("parameters"):
         function["parameters"] = {"type": "object", "properties": {}}
     return {"type": "function", "function": function}
+
+
+def usable_rows(path: str | Path, parse: Callable[[Any, str, int], T], on_error: str = "fail") -> tuple[list[T], list[RowError]]:
+    """``parse(row, file, number)`` of every row under ``path`` (a file, or a folder of them), in
+    order, and the rows that could not be used. A row that cannot be read, or that ``parse``
+    refuses with ``ValueError``, is ``file:row: reason``: ``on_error="skip"`` collects it and goes
+    on, ``"fail"`` raises ``DataError`` with that one line."""
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    items: list[T] = []
+    errors: list[RowError] = []
+    for file, number, row in _rows(Path(path), None):
+        try:
+            if isinstance(row, Exception):
+                raise row
+            items.append(parse(row, file, number))
+        except ValueError as e:
+            error = RowError(file, number, " ".join(str(e).split()))
+            if on_error == "fail":
+                raise DataError(str(error)) from None
+            errors.append(error)
+    return items, errors
 
 
 def _rows(path: Path, split: str | None) -> Iterator[tuple[str, int, Any]]:

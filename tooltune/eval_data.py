@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tooltune.data import DataError, RowError, _rows, convert_row, validate_conversation
+from tooltune.data import RowError, convert_row, usable_rows, validate_conversation
 from tooltune.episode import Task, ToolCall
 from tooltune.formats import json_field
 
@@ -33,25 +33,16 @@ ANSWER_KEYS = ("expected_calls", "tool_results")
 def load_eval_tasks(path: str | Path, fmt: str = "auto", on_error: str = "fail") -> tuple[list[Task], list[RowError]]:
     """The tasks of ``path`` and the rows that could not be used (``on_error="skip"``), or
     ``DataError`` naming the first bad row (``"fail"``)."""
-    tasks: list[Task] = []
-    errors: list[RowError] = []
     ids: set[str] = set()
-    for file, number, row in _rows(Path(path), None):
-        try:
-            if isinstance(row, Exception):
-                raise row
-            task = row_task(row, f"{Path(file).stem}-{number:05d}", fmt)
-            if task.id in ids:
-                raise ValueError(f"id {task.id!r} is used by an earlier row")
-        except ValueError as e:
-            error = RowError(file, number, " ".join(str(e).split()))
-            if on_error == "fail":
-                raise DataError(str(error)) from None
-            errors.append(error)
-            continue
+
+    def parse(row: Any, file: str, number: int) -> Task:
+        task = row_task(row, f"{Path(file).stem}-{number:05d}", fmt)
+        if task.id in ids:
+            raise ValueError(f"id {task.id!r} is used by an earlier row")
         ids.add(task.id)
-        tasks.append(task)
-    return tasks, errors
+        return task
+
+    return usable_rows(path, parse, on_error)
 
 
 def row_task(row: Any, default_id: str, fmt: str = "auto") -> Task:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from pydantic import Field, NonNegativeInt, model_validator
 
 from tooltune.config import StrictModel
-from tooltune.data import DataError, RowError, _rows
+from tooltune.data import RowError, usable_rows
 from tooltune.episode import Episode, Task
 from tooltune.formats import json_field
 from tooltune.rewards import RewardConfig, rule_reward
@@ -211,24 +211,16 @@ def load_human_labels(
     A bad row is ``file:row: reason`` (rows from 1; a JSON line's row is its line number):
     ``on_error="skip"`` uses the rest and returns the errors, ``"fail"`` raises ``DataError``.
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     labels: dict[str, list[int]] = {}
-    errors: list[RowError] = []
-    for file, number, row in _rows(Path(path), None):
-        try:
-            if isinstance(row, Exception):
-                raise row
-            prompt_id, ranks = _label_row(row, candidates_by_prompt)
-            if prompt_id in labels:
-                raise ValueError(f"prompt id {prompt_id!r} is ranked by an earlier row")
-        except ValueError as e:
-            error = RowError(file, number, " ".join(str(e).split()))
-            if on_error == "fail":
-                raise DataError(str(error)) from None
-            errors.append(error)
-            continue
+
+    def parse(row: Any, file: str, number: int) -> str:
+        prompt_id, ranks = _label_row(row, candidates_by_prompt)
+        if prompt_id in labels:
+            raise ValueError(f"prompt id {prompt_id!r} is ranked by an earlier row")
         labels[prompt_id] = ranks
+        return prompt_id
+
+    _, errors = usable_rows(path, parse, on_error)
     return labels, errors
 
 
