@@ -347,7 +347,8 @@ class RolloutWorker:
     def sleep(self) -> None:
         """Free the weights' and KV cache's memory while learners colocated on the GPU train
         (``enable_sleep_mode``; untested here, no GPU); ``receive_weights`` after ``wake_up``
-        brings the new policy."""
+        brings the new policy. The weight sync's staging copy goes too."""
+        self.llm.collective_rpc("release_staging")
         self.llm.sleep(level=1)
 
     def wake_up(self) -> None:

@@ -114,6 +114,10 @@ class WeightSyncExtension:
             problems += _checked(staged[-1], plan.buckets[-1], len(staged) - 1)
         return staged, problems, [stored_checksum(b, bucket) for b, bucket in zip(staged, plan.buckets)]
 
+    def release_staging(self) -> None:
+        """Drop the staging buffers (before the engine sleeps: colocated learners need the memory)."""
+        self.__dict__.pop("_staging", None)
+
     def _staging_buffer(self, index: int, size: int, device: torch.device) -> torch.Tensor:
         # Kept from one sync to the next (about one copy of the weights): allocating and first
         # touching 270 MB took 0.2-0.3 s here, more than moving the bytes. (A GPU's caching
