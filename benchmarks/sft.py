@@ -252,19 +252,25 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tier", choices=["tiny", "smol"], required=True)
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test tasks")
     parser.add_argument("--reuse", action="store_true", help="take a finished run of the same config instead of training again")
     parser.add_argument("--trial", help="record the run as trials[TIER/NAME], scored on validation only")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (a trial only)")
+    # Repeated --set flags add up (with a plain nargs="*" only the last would count, silently).
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides (a trial only)")
     parser.add_argument("--promote", metavar="NAME", help="record trial TIER/NAME as the tier: its test split scored once")
     args = parser.parse_args(argv)
     if args.set and not args.trial:
         parser.error("--set changes the tier's config: name the run with --trial")
     if args.trial and args.promote:
         parser.error("--trial and --promote: record the trial first, then promote it")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     path = RESULTS / "sft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.trial:

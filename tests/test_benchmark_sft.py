@@ -52,3 +52,10 @@ def test_the_test_split_is_not_scored_twice(tmp_path):
     (eval_dir / "metrics.json").write_text(json.dumps({"config": {"limit": 7}}))
     with pytest.raises(SystemExit, match="already holds a test score of this run"):
         score(sft, "model", "test", None, eval_dir, "x")
+
+
+def test_repeated_set_flags_all_count():
+    from benchmarks.sft import parse_args
+
+    args = parse_args(["--tier", "smol", "--trial", "t", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
