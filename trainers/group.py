@@ -40,8 +40,5 @@ class LearnerGroup:
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
     def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.placement.remove()
+        """Kill the ranks and leave the placement group (``RoleGroup.close``)."""
+        self.placement.close()
