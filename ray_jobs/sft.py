@@ -140,20 +140,20 @@ RUN_INDEPENDENT_KEYS = (
 )  # fmt: skip
 
 
-def saved_config_changes(out: Path, cfg: SFTConfig) -> list[str]:
+def saved_config_changes(out: Path, cfg: StrictModel, independent: tuple[str, ...] = RUN_INDEPENDENT_KEYS) -> list[str]:
     """How ``cfg`` differs from the config saved in ``out`` in the keys that change a run.
     The saved file is compared as written, not validated again: a check added to the code since
     (on a key that does not change the run) must not make an older run unreadable."""
-    return config_changes(read_yaml(out / "config.yaml"), dump_config(cfg), RUN_INDEPENDENT_KEYS, added_ok=True)
+    return config_changes(read_yaml(out / "config.yaml"), dump_config(cfg), independent, added_ok=True)
 
 
-def prepare_run_dir(cfg: SFTConfig) -> int | None:
+def prepare_run_dir(cfg: StrictModel, independent: tuple[str, ...] = RUN_INDEPENDENT_KEYS) -> int | None:
     """Check ``output_dir`` before a run writes to it; returns the step a resume starts from.
 
-    With ``resume``, a checkpoint there must come from a run of the same config (every key but
-    ``RUN_INDEPENDENT_KEYS``), and must not be the end of that run: either is a ``ConfigError``
-    naming the directory (and the keys), never a run that trains nothing and reports an old
-    checkpoint as new. Without ``resume``, earlier checkpoints and metrics there are removed.
+    ``cfg`` has ``output_dir`` and ``resume``. With ``resume``, a checkpoint there must come from
+    a run of the same config (every key but those under ``independent``), and must not be the end
+    of that run: either is a ``ConfigError`` naming the directory (and the keys), never a run that
+    trains nothing and reports an old checkpoint as new. Without ``resume``, earlier checkpoints and metrics there are removed.
     """
     import shutil
 
@@ -170,7 +170,7 @@ def prepare_run_dir(cfg: SFTConfig) -> int | None:
     if latest is None:
         return None
     try:
-        changes = saved_config_changes(out, cfg)
+        changes = saved_config_changes(out, cfg, independent)
     except ConfigError as e:
         raise ConfigError(f"{out}: resume=true, but the config of its checkpoint {latest.name} cannot be read: {e}") from None
     if changes:

@@ -1,13 +1,8 @@
-"""Supervised fine-tuning over a learner group: data to rows, steps, validation, checkpoints.
-
-The driver owns the data plan (which rows each rank sees at each step, a pure function of the
-step) and the tokenizer; the ranks own the model and optimizer. Resuming restores the ranks'
-DeepSpeed state and RNG, and the step: the data position follows from it.
-"""
+"""Supervised fine-tuning over a learner group: data to rows, steps, validation (the step loop,
+checkpoints and resume are ``trainers.loop.StepTrainer``'s)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +14,8 @@ from tooltune.config import StrictModel
 from tooltune.data import DataError, load_conversations
 from tooltune.tracking import MetricsLogger
 from tooltune.world import WorldConfig, gold_messages
-from trainers.checkpoint import CheckpointManager
 from trainers.group import LearnerGroup
+from trainers.loop import StepTrainer
 from trainers.losses import sft_nll
 from trainers.packing import (
     Example,
@@ -139,7 +134,9 @@ def tool_eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {f"tool_eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-class SFTTrainer:
+class SFTTrainer(StepTrainer):
+    desc = "sft"
+
     def __init__(
         self,
         group: LearnerGroup,
@@ -154,15 +151,12 @@ class SFTTrainer:
     ):
         """``tool_eval`` (every ``tool_eval_every`` steps and at the end) returns the tool-world
         metrics of the model as it is; they are logged as ``tool_eval/<metric>``."""
-        self.group, self.tok, self.cfg = group, tokenizer, cfg
         self.tool_eval, self.tool_eval_every = tool_eval, tool_eval_every
         self.train, self.validation = train, validation
         lc = group.cfg
         self.micro, self.accum, self.world = lc.micro_batch_size, lc.grad_accum_steps, group.world_size
         self.global_batch = self.micro * self.accum * self.world
-        self.ckpt = CheckpointManager(Path(output_dir) / "checkpoints", cfg.keep_last)
-        self.logger = logger
-        self.total_steps = planned_steps(len(train), self.global_batch, cfg)
+        super().__init__(group, tokenizer, cfg, output_dir, logger, planned_steps(len(train), self.global_batch, cfg))
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -187,48 +181,7 @@ class SFTTrainer:
         stats = self.group.each("eval_loss", per_rank)
         return {"validation/loss": sum(s.get("nll_sum", 0.0) for s in stats) / max(1, sum(s.get("tokens", 0) for s in stats))}
 
-    # ---- checkpoints --------------------------------------------------------------------
-    def save(self, step: int) -> Path:
-        staging = self.ckpt.staging(step)
-        self.group.all("save_state", str(staging / "state"), {"step": step})
-        self.group.all("save_pretrained", str(staging / "model"), self.cfg.merged)
-        self.tok.save_pretrained(staging / "model")
-        return self.ckpt.commit(step, {"step": step, "total_steps": self.total_steps, "seed": self.cfg.seed})
-
-    def resume(self) -> int:
-        """The next step to run: 0, or one past the latest complete checkpoint."""
-        latest = self.ckpt.latest()
-        if latest is None:
-            return 0
-        states = self.group.all("load_state", str(latest / "state"))
-        return int(states[0]["step"])
-
-    # ---- the loop -----------------------------------------------------------------------
-    def fit(self, resume: bool = True, stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-        """Train to ``total_steps`` (or stop after ``stop_after`` steps, saving, as a crash test)."""
-        from tqdm import tqdm
-
-        start = self.resume() if resume else 0
-        if self.logger:
-            self.logger.rewind(start)
-        history: list[dict] = []
-        last = min(self.total_steps, stop_after) if stop_after else self.total_steps
-        bar = tqdm(range(start, last), desc="sft", initial=start, total=self.total_steps, disable=None)
-        t0 = time.time()
-        for step in bar:
-            metrics = self.train_step(step)
-            done = step + 1
-            if done % self.cfg.eval_every == 0 or done == self.total_steps:
-                metrics |= self.validate()
-            if self.tool_eval and self.tool_eval_every and (done % self.tool_eval_every == 0 or done == self.total_steps):
-                metrics |= tool_eval_scalars(self.tool_eval())
-            metrics["time/elapsed_s"] = time.time() - t0
-            history.append({"step": done, **metrics})
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            if self.logger:
-                self.logger.log(done, metrics)
-            if on_step:
-                on_step(done, metrics)
-            if done % self.cfg.save_every == 0 or done == last:
-                self.save(done)
-        return history
+    def periodic(self, done: int) -> dict[str, float]:
+        if self.tool_eval and self.tool_eval_every and (done % self.tool_eval_every == 0 or done == self.total_steps):
+            return tool_eval_scalars(self.tool_eval())
+        return {}
