@@ -252,3 +252,17 @@ def tool_messages_text(tokenizer, messages: list[dict[str, Any]], tools: list[di
     text = _render(tokenizer, msgs, tools, True)
     upto = _prefix(text, _render(tokenizer, msgs[: last + 1], tools, False))
     return text[_turn_end(upto, 0) :]
+
+
+
+def reward_ids(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """An episode's tokens as a reward model reads them: its messages rendered with the template
+    (``tokenize_conversation``), through the last turn end and without it, so the score sits on
+    the last token the episode wrote (the final answer's, or a tool result's when it ended on
+    one). Training and scoring both read episodes this way, from their messages. The same
+    position is the one transformers' sequence classifiers pool (the rightmost non-pad token)
+    when given these ids, whatever the pad token."""
+    ids = tokenize_conversation(tokenizer, messages, tools)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids(TURN_END)
+    last = max((i for i, t in enumerate(ids) if t == end), default=len(ids))
+    return ids[:last]

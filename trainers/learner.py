@@ -159,7 +159,9 @@ class Learner:
         if self.cfg.head == "lm":
             model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
         else:
-            model = ScalarHeadModel.from_pretrained(self.cfg.model, dtype=dtype, attn_implementation=attn)
+            # A reward model's new head has no bias: Bradley–Terry sees only score differences.
+            bias = self.cfg.head == "value"
+            model = ScalarHeadModel.from_pretrained(self.cfg.model, bias=bias, dtype=dtype, attn_implementation=attn)
         backbone = model if self.cfg.head == "lm" else model.backbone
         if self.cfg.gradient_checkpointing and self.cfg.trainable:
             backbone.gradient_checkpointing_enable()
@@ -373,6 +375,8 @@ class Learner:
     def _save_scalar_head_model(self, directory: str) -> None:
         import deepspeed
 
+        from trainers.heads import save_sequence_classifier
+
         module = self.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
             if self.cfg.lora is not None:
@@ -383,8 +387,11 @@ class Learner:
                 base = module.backbone
             head_state = {k: v.detach().cpu().clone() for k, v in module.head.state_dict().items()}
         if self.rank == 0:
-            base.save_pretrained(directory, state_dict=backbone_state)
-            module.save_head(directory, head_state)
+            if "bias" in head_state:
+                base.save_pretrained(directory, state_dict=backbone_state)
+                module.save_head(directory, head_state)
+            else:
+                save_sequence_classifier(directory, base.config, backbone_state, head_state["weight"])
 
     # ---- weights out --------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
