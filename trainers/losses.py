@@ -12,7 +12,7 @@ losses compare ``column[:, 1:]`` with ``fwd.logprobs()`` and ``fwd.values()[:, :
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -80,28 +80,77 @@ def sft_nll(fwd, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
     return total, {"nll_sum": total.item(), "tokens": float(mask.sum().item())}
 
 
-# ---- PPO: clipped policy objective, clipped value loss -----------------------------------------
+# ---- PPO: clipped policy objective, KL estimators, clipped value loss, aggregation ---------------
+
+LossAgg = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+KLKind = Literal["k1", "k2", "k3"]
+
+
+def loss_units(mask: torch.Tensor, mode: LossAgg = "token_mean") -> float:
+    """What a loss aggregated in ``mode`` is averaged over, counted in ``mask`` ([rows, T], one row
+    per sequence): the action tokens (``token_mean``), else the rows with at least one of them."""
+    if mode == "token_mean":
+        return float(mask.sum())
+    if mode in ("seq_mean_token_sum", "seq_mean_token_mean"):
+        return float((mask.sum(-1) > 0).sum())
+    raise ValueError(f"unknown loss aggregation {mode!r}: one of {LossAgg.__args__}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg = "token_mean") -> tuple[torch.Tensor, float]:
+    """One micro-batch's part of a loss aggregated as verl's ``loss_agg_mode`` does, in the form
+    ``Learner.train_step`` wants: ``(sum to backprop, units)``. The step's objective is the sum over
+    micro-batches and ranks divided by the step's units, the ``denominator`` the driver passes:
+    ``loss_units`` of the whole step's action mask (units add up over rows, so that is also the sum
+    of every micro-batch's units). Rows are sequences (unpacked batches).
+
+    - ``token_mean``: every action token of the step weighs the same; sums the per-token losses.
+    - ``seq_mean_token_sum``: each sequence's token sum, averaged over sequences; the micro-batch
+      sum is the same as ``token_mean``'s, only the denominator (sequences) differs.
+    - ``seq_mean_token_mean``: each sequence's token mean, averaged over sequences: every sequence
+      weighs the same, so a token of a long answer weighs less than one of a short answer.
+
+    A row without an action token counts in no mode; values under the mask's zeros never matter.
+    """
+    units = loss_units(mask, mode)
+    keep = mask.bool()
+    per_row = torch.where(keep, per_token, torch.zeros_like(per_token)).sum(-1)
+    if mode == "seq_mean_token_mean":
+        per_row = per_row / keep.sum(-1).clamp(min=1)
+    return per_row.sum(), units
 
 
 def clipped_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+    dual_clip: float | None = None, loss_agg: LossAgg = "token_mean",
 ) -> tuple[torch.Tensor, Stats]:
-    """PPO's clipped surrogate, negated and summed over the masked tokens.
+    """PPO's clipped surrogate, negated and aggregated over the masked tokens (``aggregate``; by
+    default their sum).
 
     Per token: ``max(-A * r, -A * clip(r, 1 - eps, 1 + eps))`` with ``r = exp(logp - old_logp)``.
-    Stats: ``clipped`` (tokens where the clipped term was the larger), ``ratio_sum``, ``tokens``.
+    Dual clip (Ye et al. 2020), ``dual_clip`` = c > 1: where A < 0 the token's loss is capped at
+    ``-c * A``, so a bad action whose ratio grew far above 1 (stale, off-policy samples) cannot
+    dominate the step; a capped token has no gradient.
+    Stats: ``clipped`` (tokens where the clipped term was the larger), ``ratio_sum``, ``tokens``,
+    and with dual clip ``dual_clipped`` (tokens where the cap applied).
     """
-    mask = mask.to(logp.dtype)
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be above 1 (the cap is dual_clip x |A|), got {dual_clip}")
+    keep = mask.bool()
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)
     stats = {
-        "clipped": float(((clipped > unclipped).to(mask.dtype) * mask).sum()),
-        "ratio_sum": float((ratio.detach() * mask).sum()),
-        "tokens": float(mask.sum()),
+        "clipped": float(((clipped > unclipped) & keep).sum()),
+        "ratio_sum": float(torch.where(keep, ratio.detach(), 0.0).sum()),
+        "tokens": float(keep.sum()),
     }
-    return (per_token * mask).sum(), stats
+    if dual_clip is not None:
+        cap = -dual_clip * advantages
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["dual_clipped"] = float((capped & keep).sum())
+    return aggregate(per_token, mask, loss_agg)[0], stats
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -111,45 +160,74 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy
+    (Schulman, "Approximating KL divergence"): ``k1 = logp - ref`` (unbiased, negative on some
+    tokens, high variance), ``k2 = (logp - ref)^2 / 2`` (biased, low variance), ``k3`` (``kl_k3``:
+    unbiased, never negative). As a loss term k1 pushes nothing on average (its expected gradient
+    under the policy is zero): it belongs in the reward."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":
+        return kl_k3(logp, ref_logp)
+    raise ValueError(f"unknown KL estimator {kind!r}: one of {KLKind.__args__}")
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(behaviour || current policy) summed over the masked tokens: k3 with the behaviour policy
+    (which sampled the tokens) in the policy's place. Divided by the tokens, it says how far the
+    update has moved from the data; ``ppo_policy_loss`` reports it as ``approx_kl_sum``."""
+    return torch.where(mask.bool(), kl_k3(old_logp, logp), 0.0).sum()
+
+
 def ppo_policy_loss(
     fwd, batch: dict[str, torch.Tensor], clip_eps: float = 0.2, temperature: float = 1.0,
-    entropy_coef: float = 0.0, kl_coef: float = 0.0,
+    entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_kind: KLKind = "k3",
+    dual_clip: float | None = None, loss_agg: LossAgg = "token_mean",
 ) -> tuple[torch.Tensor, Stats]:
     """The actor's loss on trajectories: columns ``action_mask``, ``old_logprobs``, ``advantages``
-    (and ``ref_logprobs`` when ``kl_coef`` > 0); log-probs taken at the sampling temperature."""
+    (and ``ref_logprobs`` when ``kl_coef`` > 0: the KL to the reference as a loss term, estimated
+    by ``kl_kind``); log-probs taken at the sampling temperature. Every term is aggregated by
+    ``loss_agg`` (see ``aggregate`` for the denominator that goes with it); the stats stay sums
+    over tokens: ``entropy_sum``, ``kl_sum``, ``approx_kl_sum`` (see ``approx_kl``), ``loss_sum``."""
     logp, entropy = fwd.logprobs(temperature, entropy=entropy_coef > 0)
     mask = batch["action_mask"][:, 1:].to(logp.dtype)
-    total, stats = clipped_policy_loss(logp, batch["old_logprobs"][:, 1:].float(), batch["advantages"][:, 1:].float(), mask, clip_eps)
+    old = batch["old_logprobs"][:, 1:].float()
+    total, stats = clipped_policy_loss(logp, old, batch["advantages"][:, 1:].float(), mask, clip_eps, dual_clip, loss_agg)
+    stats["approx_kl_sum"] = float(approx_kl(logp.detach(), old, mask))
     if entropy_coef > 0:
-        ent = (entropy * mask).sum()
-        total = total - entropy_coef * ent
-        stats["entropy_sum"] = float(ent)
+        total = total - entropy_coef * aggregate(entropy, mask, loss_agg)[0]
+        stats["entropy_sum"] = float(aggregate(entropy.detach(), mask)[0])
     if kl_coef > 0:
         # Padded columns hold reference log-prob 0: exp(0 - logp) can overflow there, and
-        # inf * 0 is NaN, so they compare the policy with itself instead.
+        # inf * 0 is NaN (in the backward pass too), so they compare the policy with itself.
         ref = torch.where(mask.bool(), batch["ref_logprobs"][:, 1:].float(), logp.detach())
-        kl = (kl_k3(logp, ref) * mask).sum()
-        total = total + kl_coef * kl
-        stats["kl_sum"] = float(kl)
+        kl = kl_estimate(logp, ref, kl_kind)
+        total = total + kl_coef * aggregate(kl, mask, loss_agg)[0]
+        stats["kl_sum"] = float(aggregate(kl.detach(), mask)[0])
     stats["loss_sum"] = float(total.detach())
     return total, stats
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float | None = 0.2
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float | None = 0.2,
+    loss_agg: LossAgg = "token_mean",
 ) -> tuple[torch.Tensor, Stats]:
-    """``0.5 * max((v - R)^2, (old + clip(v - old, -eps, eps) - R)^2)`` summed over the mask
-    (plain squared error when ``clip_eps`` is None)."""
-    mask = mask.to(values.dtype)
+    """``0.5 * max((v - R)^2, (old + clip(v - old, -eps, eps) - R)^2)`` aggregated over the mask
+    (by default summed; plain squared error when ``clip_eps`` is None)."""
     loss = (values - returns) ** 2
     if clip_eps is not None:
         clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         loss = torch.maximum(loss, (clipped - returns) ** 2)
-    total = 0.5 * (loss * mask).sum()
+    total = 0.5 * aggregate(loss, mask, loss_agg)[0]
     return total, {"value_loss_sum": float(total.detach()), "tokens": float(mask.sum())}
 
 
-def value_loss(fwd, batch: dict[str, torch.Tensor], clip_eps: float | None = 0.2) -> tuple[torch.Tensor, Stats]:
+def value_loss(
+    fwd, batch: dict[str, torch.Tensor], clip_eps: float | None = 0.2, loss_agg: LossAgg = "token_mean"
+) -> tuple[torch.Tensor, Stats]:
     """The critic's loss: columns ``action_mask``, ``returns`` and ``old_values`` (when clipping).
 
     The value of the state in which token t was generated is the head's output at t-1: it is
@@ -158,7 +236,7 @@ def value_loss(fwd, batch: dict[str, torch.Tensor], clip_eps: float | None = 0.2
     values = fwd.values()[:, :-1]
     mask = batch["action_mask"][:, 1:]
     old = batch["old_values"][:, :-1].float() if clip_eps is not None else values.detach()
-    return clipped_value_loss(values, old, batch["returns"][:, 1:].float(), mask, clip_eps)
+    return clipped_value_loss(values, old, batch["returns"][:, 1:].float(), mask, clip_eps, loss_agg)
 
 
 # ---- reward model: Bradley–Terry over (chosen, rejected) pairs ---------------------------------
