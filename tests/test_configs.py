@@ -11,13 +11,14 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
 
 def job_class(name: str):
     from ray_jobs.evaluate import EvalConfig
+    from ray_jobs.ppo import PPOConfig
     from ray_jobs.preferences import PreferencesConfig
     from ray_jobs.reward_model import RewardModelConfig
     from ray_jobs.sft import SFTConfig
     from ray_jobs.smoke import SmokeConfig
 
     jobs = {"smoke": SmokeConfig, "sft": SFTConfig, "evaluate": EvalConfig}
-    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig})[name]
+    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig})[name]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -1,0 +1,356 @@
+"""PPO job: the policy learns when a tool call is worth its cost.
+
+    python -m ray_jobs.ppo --config configs/tiny/ppo.yaml [key=value ...]
+
+One step, as the algorithm reads: take the step's prompts -> roll out the multi-turn tool loop on
+the vLLM workers (k samples per prompt) -> score (rule reward, and the reward model's when
+configured) -> reference log-probs and the critic's values -> advantages -> actor and critic
+updates (PPO epochs x mini-batches) -> weight sync to the workers as version step + 1 -> log ->
+evaluate every N steps on the validation split -> checkpoint. The first two and the sync live
+here (``sample_step``, ``trainer``); the learners' side is ``trainers.ppo_trainer``.
+
+Roles, each a Ray actor group placed from config (``roles``; ``roles.colocate`` shares bundles):
+``rollout`` (vLLM engines), ``actor`` and ``critic`` (DeepSpeed ZeRO learners), ``reference``
+(the starting policy, frozen), ``scorers`` (a frozen reward model, when ``reward.model`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from cluster.local import RayConfig, local_ray
+from cluster.placement import PlacementConfig, RoleConfig, RoleGroup, place_roles
+from ray_jobs._cli import job_config, user_errors
+from ray_jobs.evaluate import WorkerSettings
+from rollout.agent_loop import LoopConfig, Trajectory, run_episodes
+from rollout.scorer import RewardScorer, ScorerConfig, score_summary
+from tooltune.config import StrictModel, save_config
+from tooltune.episode import Task
+from tooltune.models import TinyModelConfig
+from tooltune.provenance import provenance
+from tooltune.weights import WeightSyncConfig
+from tooltune.world import WorldConfig
+from trainers.learner import LearnerConfig
+from trainers.ppo import PPOAlgorithmConfig
+from trainers.ppo_trainer import PPOTrainConfig, Samples
+
+# Keys that do not change what a run trains: a resumed run may differ from its checkpoint in these.
+# With loop.sampling.seed set, each request is seeded (episode, turn): the number of rollout workers
+# does not change the episodes, nor does that of scorers change their scores.
+RUN_INDEPENDENT_KEYS = (
+    "ray", "resume", "tensorboard", "output_dir", "train.eval_every", "train.eval_limit", "train.save_every",
+    "train.keep_last", "weight_sync", "roles.rollout", "roles.scorers", "roles.colocate",
+) + tuple(f"roles.{role}.{key}" for role in ("actor", "critic", "reference") for key in ("cpus", "gpus", "strategy"))
+
+
+class PPORoles(StrictModel):
+    rollout: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
+    actor: RoleConfig = RoleConfig(num_ranks=1)
+    critic: RoleConfig = RoleConfig(num_ranks=1)
+    reference: RoleConfig = RoleConfig(num_ranks=1)
+    scorers: RoleConfig = RoleConfig(num_ranks=1)
+    # Roles sharing bundles (``cluster.placement.PlacementConfig.colocate``), e.g. [[actor, rollout]].
+    colocate: list[list[str]] = []
+
+
+class RewardSettings(StrictModel):
+    # A reward model checkpoint (``ray_jobs.reward_model``'s output); None: the rule reward alone.
+    model: str | None = None
+    # The scorers' dtype, micro-batch and ZeRO stage (frozen, whatever else is set here).
+    learner: LearnerConfig = LearnerConfig(zero_stage=0)
+    scorer: ScorerConfig = ScorerConfig(rm_weight=0.0)
+
+    @model_validator(mode="after")
+    def _model_iff_weighted(self) -> RewardSettings:
+        if (self.model is None) != (self.scorer.rm_weight == 0):
+            raise ValueError("reward.model and reward.scorer.rm_weight go together: set both, or neither (rules only)")
+        return self
+
+
+class PPOConfig(StrictModel):
+    model: str = Field("tiny", description="the starting policy: a checkpoint or run directory, 'smollm2', or 'tiny'")
+    tiny: TinyModelConfig = TinyModelConfig()
+    ray: RayConfig = RayConfig()
+    roles: PPORoles = PPORoles()
+    actor: LearnerConfig = LearnerConfig()
+    # Used when the estimator needs a critic (``algorithm.estimator: gae``): a value head on the policy's backbone.
+    critic: LearnerConfig = LearnerConfig(head="value")
+    reference: LearnerConfig = LearnerConfig(trainable=False, zero_stage=0)
+    rollout: WorkerSettings = WorkerSettings()
+    reward: RewardSettings = RewardSettings()
+    algorithm: PPOAlgorithmConfig = PPOAlgorithmConfig()
+    world: WorldConfig = WorldConfig()
+    # samples_per_task is k, the samples per prompt. The learners' log-probs apply the temperature
+    # alone: top-p and top-k would make the behaviour policy another distribution.
+    loop: LoopConfig = LoopConfig(samples_per_task=2)
+    train: PPOTrainConfig = PPOTrainConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    output_dir: str = "runs/ppo"
+    resume: bool = True
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        s = self.loop.sampling
+        if s.temperature <= 0 or s.top_p != 1 or s.top_k != 0:
+            raise ValueError(
+                f"loop.sampling must be temperature > 0, top_p 1, top_k 0 (got {s.temperature}, {s.top_p}, {s.top_k}): "
+                "the learners' log-probs apply the temperature alone, so the ratio would compare two distributions"
+            )
+        if self.algorithm.estimator in ("grpo", "rloo") and self.loop.samples_per_task < 2:
+            raise ValueError(f"{self.algorithm.estimator} compares samples of one prompt: loop.samples_per_task must be >= 2")
+        if self.loop.max_total_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"loop.max_total_tokens ({self.loop.max_total_tokens}) exceeds rollout.max_model_len ({self.rollout.max_model_len})"
+            )
+        if self.actor.lora is not None and not (self.rollout.enable_lora and self.rollout.max_lora_rank >= self.actor.lora.r):
+            raise ValueError(
+                f"actor.lora (r={self.actor.lora.r}) syncs an adapter: set rollout.enable_lora and rollout.max_lora_rank >= r"
+            )
+        if self.reference.trainable or self.actor.head != "lm" or self.critic.head != "value":
+            raise ValueError("reference.trainable must be false, actor.head 'lm' and critic.head 'value'")
+        rows = self.train.prompts_per_step * self.loop.samples_per_task
+        trained = {"actor": self.actor} | ({"critic": self.critic} if self.algorithm.needs_critic else {})
+        for name, lc in trained.items():
+            ranks = getattr(self.roles, name).num_ranks
+            per_update = self.train.mini_batches * ranks * lc.micro_batch_size * lc.grad_accum_steps
+            if per_update != rows:
+                raise ValueError(
+                    f"train.prompts_per_step x loop.samples_per_task = {rows} rows per step, but train.mini_batches x "
+                    f"roles.{name}.num_ranks x {name}.micro_batch_size x {name}.grad_accum_steps = {per_update}: they must be equal"
+                )
+        return self
+
+
+def step_tasks(tasks: list[Task], count: int, step: int, seed: int) -> list[Task]:
+    """The prompts of step ``step``: a fresh seeded permutation of ``tasks`` per pass over them, a
+    pure function of the step (a resumed run samples the same prompts)."""
+    from trainers.packing import global_batch_indices
+
+    return [tasks[i] for i in global_batch_indices(len(tasks), count, step, seed)]
+
+
+def fitting_tasks(tasks: list[Task], tokenizer, loop: LoopConfig) -> list[Task]:
+    """The tasks whose prompt leaves room for one whole turn within ``loop.max_total_tokens``: a
+    longer one would end before the policy samples anything, a row with no action to learn from.
+    The prompt is rendered as the tool loop renders it (system message, then the query)."""
+    from tooltune.chat import render_prompt
+
+    def length(task: Task) -> int:
+        messages = [{"role": "system", "content": task.system}] if task.system else []
+        messages.append({"role": "user", "content": task.query})
+        return len(tokenizer(render_prompt(tokenizer, messages, task.tools), add_special_tokens=False)["input_ids"])
+
+    return [t for t in tasks if length(t) + loop.max_new_tokens <= loop.max_total_tokens]
+
+
+def batch_call_metrics(trajectories: list[Trajectory], k: int) -> dict[str, float]:
+    """Calls per query and over-/under-call rates on the batch (``tooltune.metrics``), averaged over
+    the k samples of each prompt (trajectories task-major, as ``run_episodes`` returns them)."""
+    from tooltune.metrics import compute_metrics
+
+    tasks = [t.task for t in trajectories[::k]]
+    keys = ("calls_per_query", "over_call_rate", "under_call_rate", "argument_accuracy", "final_answer_accuracy")
+    found: dict[str, list[float]] = {key: [] for key in keys}
+    for j in range(k):
+        metrics = compute_metrics(tasks, [t.episode for t in trajectories[j::k]])
+        for key in keys:
+            if metrics[key] is not None:
+                found[key].append(metrics[key])
+    return {f"batch/{key}": sum(v) / len(v) for key, v in found.items() if v}
+
+
+@dataclass
+class Roles:
+    """Everything the job started, for the step and for shutdown."""
+
+    groups: dict[str, RoleGroup]
+    workers: list[Any]
+    actor: Any = None
+    reference: Any = None
+    critic: Any = None
+    scorer: RewardScorer | None = None
+    learner_groups: list[Any] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers])
+        finally:
+            for group in self.learner_groups:
+                group.shutdown()
+            for group in self.groups.values():
+                group.close()
+
+
+def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
+    """Place every role, start the engines and learners, and join the weight-sync group."""
+    from ray_jobs.reward_model import start_scorers
+    from ray_jobs.weight_sync import connect_weight_sync
+    from rollout.vllm_worker import RolloutWorker
+    from trainers.group import LearnerGroup
+
+    names = ["rollout", "actor", "reference"] + (["critic"] if cfg.algorithm.needs_critic else [])
+    names += ["scorers"] if cfg.reward.model else []
+    placement = PlacementConfig(roles={n: getattr(cfg.roles, n) for n in names}, colocate=cfg.roles.colocate)
+    roles = Roles(place_roles(placement), [])
+    try:
+        engine = cfg.rollout.model_dump() | {"model": model_dir}
+        roles.workers = roles.groups["rollout"].spawn(RolloutWorker, lambda r: ({**engine, "seed": engine["seed"] + r},))
+        optimizer_steps = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
+
+        def learners(name: str, lc: LearnerConfig) -> Any:
+            update = {"model": model_dir} | ({"total_steps": lc.total_steps or optimizer_steps} if lc.trainable else {})
+            group = LearnerGroup(f"ppo-{name}", getattr(cfg.roles, name), lc.model_copy(update=update), roles.groups[name])
+            roles.learner_groups.append(group)
+            return group
+
+        roles.actor = learners("actor", cfg.actor)
+        roles.reference = learners("reference", cfg.reference)
+        if cfg.algorithm.needs_critic:
+            roles.critic = learners("critic", cfg.critic)
+        if cfg.reward.model:
+            scorers, roles.scorer = start_scorers(
+                cfg.reward.model, cfg.roles.scorers, cfg.reward.learner, roles.groups["scorers"], cfg.reward.scorer
+            )
+            roles.learner_groups.append(scorers)
+        else:
+            roles.scorer = RewardScorer([], tokenizer, cfg.reward.scorer)
+        connect_weight_sync(roles.actor, roles.workers, cfg.weight_sync)
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
+def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, registry, step: int) -> Samples:
+    """Roll out the step's prompts (k samples each) and score them."""
+    t = time.perf_counter()
+    loop = cfg.loop
+    if loop.sampling.seed is not None:
+        # Fresh randomness each step, still a pure function of the step.
+        loop = loop.model_copy(update={"sampling": loop.sampling.model_copy(update={"seed": loop.sampling.seed + step})})
+    prompts = step_tasks(tasks, cfg.train.prompts_per_step, step, cfg.train.seed)
+    trajectories = run_episodes(prompts, roles.workers, tokenizer, loop, registry)
+    rollout_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores = roles.scorer.score(trajectories)
+    score_s = time.perf_counter() - t
+
+    n = len(scores)
+    parts = sorted({p for s in scores for p in s.rule_parts})
+    generated = sum(sum(tr.action_mask) for tr in trajectories)
+    metrics = score_summary(scores) | {f"reward/rule/{p}": sum(s.rule_parts.get(p, 0.0) for s in scores) / n for p in parts}
+    metrics |= batch_call_metrics(trajectories, loop.samples_per_task) | {
+        "time/rollout_s": rollout_s,
+        "time/score_s": score_s,
+        "perf/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
+        "batch/generated_tokens": float(generated),
+        "batch/sequence_tokens": float(sum(len(tr.token_ids) for tr in trajectories)),
+    }
+    return Samples(
+        token_ids=[tr.token_ids for tr in trajectories],
+        action_mask=[tr.action_mask for tr in trajectories],
+        logprobs=[tr.logprobs for tr in trajectories],
+        rewards=[s.total for s in scores],
+        group_ids=[i // loop.samples_per_task for i in range(n)],
+        # The oldest policy that sampled any of a row's tokens: that is how stale the row is.
+        versions=[min((v for v in tr.versions if v is not None), default=tr.policy_version) for tr in trajectories],
+        metrics=metrics,
+    )
+
+
+def evaluate_workers(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, registry) -> dict[str, float]:
+    """Tool-world metrics of the policy the workers serve, greedy, on the validation tasks."""
+    from tooltune.metrics import compute_metrics
+    from trainers.sft import tool_eval_scalars
+
+    greedy = cfg.loop.sampling.model_copy(update={"temperature": 0.0})
+    runs = run_episodes(tasks, roles.workers, tokenizer, cfg.loop.model_copy(update={"samples_per_task": 1, "sampling": greedy}), registry)
+    metrics = tool_eval_scalars(compute_metrics(tasks, [r.episode for r in runs]))
+    return {k.replace("tool_eval/", "eval/"): v for k, v in metrics.items()}
+
+
+def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict:
+    """Train; ``on_step(done, metrics, roles)`` after every step (tests check the roles there)."""
+    from transformers import AutoTokenizer
+
+    from ray_jobs.sft import prepare_run_dir
+    from ray_jobs.weight_sync import sync_weights
+    from tooltune.chat import install_tool_template, needs_tool_template
+    from tooltune.models import resolve_model
+    from tooltune.tracking import MetricsLogger
+    from tooltune.world import generate_world, world_registry
+    from trainers.ppo_trainer import PPOTrainer
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(cfg, RUN_INDEPENDENT_KEYS)
+    save_config(cfg, out / "config.yaml")
+    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+
+    model_dir = resolve_model(cfg.model, tiny=cfg.tiny)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if needs_tool_template(tokenizer):
+        install_tool_template(tokenizer)
+    splits = generate_world(cfg.world)
+    train_tasks = fitting_tasks(splits["train"], tokenizer, cfg.loop)
+    if not train_tasks:
+        raise ValueError(
+            f"none of the {len(splits['train'])} training prompts leaves loop.max_new_tokens ({cfg.loop.max_new_tokens}) "
+            f"within loop.max_total_tokens ({cfg.loop.max_total_tokens})"
+        )
+    validation = splits["validation"][: cfg.train.eval_limit]
+    registry = world_registry(cfg.world)
+
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    with local_ray(cfg.ray):
+        roles = start_roles(cfg, model_dir, tokenizer)
+        try:
+            trainer = PPOTrainer(
+                roles.actor, roles.reference, roles.critic, tokenizer, cfg.train, cfg.algorithm,
+                cfg.loop.sampling.temperature,
+                sample=lambda step: sample_step(cfg, roles, train_tasks, tokenizer, registry, step),
+                sync=lambda version: sync_weights(roles.actor, roles.workers, version, cfg.weight_sync),
+                output_dir=out, logger=logger,
+                evaluate=(lambda: evaluate_workers(cfg, roles, validation, tokenizer, registry)) if validation else None,
+            )  # fmt: skip
+            hook = (lambda done, metrics: on_step(done, metrics, roles)) if on_step else None
+            history = trainer.fit(resume=cfg.resume, stop_after=stop_after, on_step=hook)
+        finally:
+            roles.shutdown()
+    logger.close()
+    final = trainer.ckpt.latest()
+    result = {
+        "base_model": model_dir,
+        "train_prompts": len(train_tasks),
+        "train_prompts_too_long": len(splits["train"]) - len(train_tasks),
+        "checkpoint": str(final / "model") if final else None,
+        "steps": trainer.total_steps,
+        "completed_steps": history[-1]["step"] if history else 0,
+        "history": history,
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = job_config(PPOConfig, __doc__.splitlines()[0], argv)
+    with user_errors():
+        result = run_ppo(cfg)
+    last = result["history"][-1] if result["history"] else {}
+    print(json.dumps({k: v for k, v in result.items() if k != "history"} | {"last": last}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
