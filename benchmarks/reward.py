@@ -50,8 +50,9 @@ SMOL_POLICY = "runs/bench-sft/smol-trial-lora-150"  # the recorded smol tier
 LOOP = {"max_turns": 4, "max_new_tokens": 160, "max_total_tokens": 2048, "sampling": {"temperature": 1.0, "seed": 0}}
 
 
-def preferences(tier: str, policy: str, world, split: str, limit: int, samples: int, out: Path, **update: Any) -> dict:
-    """``configs/<tier>/preferences.yaml`` on ``split`` of ``world`` with ``policy``; its summary."""
+def preferences(tier: str, policy: str, world, split: str, limit: int, samples: int, out: Path, reuse: bool = False, **update: Any) -> dict:
+    """``configs/<tier>/preferences.yaml`` on ``split`` of ``world`` with ``policy``; its summary.
+    ``reuse``: a run of the same config already in ``out`` is read back instead of run again."""
     cfg = load_config(f"configs/{tier}/preferences.yaml", PreferencesConfig)
     update = {k: (cfg.model_dump()[k] | v if isinstance(v, dict) else v) for k, v in update.items()}
     cfg = PreferencesConfig.model_validate(
@@ -60,6 +61,10 @@ def preferences(tier: str, policy: str, world, split: str, limit: int, samples: 
         | {"loop": LOOP, "rollout": cfg.rollout.model_dump() | {"max_model_len": 2048}, "output_dir": str(out)}
         | update
     )
+    done = out / "summary.json"
+    if reuse and done.exists() and json.loads(done.read_text())["config"] == cfg.model_dump(mode="json"):
+        print(f"reusing {done}")
+        return json.loads(done.read_text())
     return run_preferences(cfg)
 
 
@@ -170,6 +175,22 @@ def heldout_scores(checkpoint: str, world, test_file: Path, probe_limit: int, sc
     return result
 
 
+def reused_reward_model(run: str, cfg: RewardModelConfig) -> dict[str, Any]:
+    """The result of a finished reward-model run whose run-changing settings equal ``cfg``'s
+    (a trial chosen on validation, promoted by putting its settings in the tier config)."""
+    from ray_jobs.reward_model import RUN_INDEPENDENT_KEYS
+    from ray_jobs.sft import saved_config_changes
+
+    changes = saved_config_changes(Path(run), cfg, RUN_INDEPENDENT_KEYS)
+    if changes:
+        raise SystemExit(f"error: {run} was trained with other settings than configs/tiny/reward_model.yaml: {'; '.join(changes)}")
+    result = json.loads((Path(run) / "result.json").read_text())
+    if result["completed_steps"] != result["steps"]:
+        raise SystemExit(f"error: {run} stopped at step {result['completed_steps']} of {result['steps']}")
+    print(f"reusing the reward model of {run}")
+    return result | {"reused_run": run}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-prompts", type=int, default=400)
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ai-prompts", type=int, default=30)
     parser.add_argument("--skip-ai", action="store_true", help="leave the smol tier's AI judge out")
     parser.add_argument("--no-write", action="store_true", help="print, do not record")
+    parser.add_argument("--reuse", action="store_true", help="read back preference runs of the same config instead of sampling again")
+    parser.add_argument("--rm-run", help="a finished reward-model run (a trial) of the tier config's settings to score instead of training again")
     args = parser.parse_args(argv)
 
     t0 = time.time()
@@ -187,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     prefs: dict[str, Any] = {}
     sizes = {"train": args.train_prompts, "validation": args.validation_prompts, "test": args.test_prompts}
     for split, n in sizes.items():
-        prefs[split] = preferences("tiny", TINY_POLICY, tiny_world, split, n, args.samples, RUNS / f"tiny-preferences-{split}")
+        prefs[split] = preferences("tiny", TINY_POLICY, tiny_world, split, n, args.samples, RUNS / f"tiny-preferences-{split}", args.reuse)
     rm_cfg = load_config(
         "configs/tiny/reward_model.yaml",
         RewardModelConfig,
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
          f"data.validation_files=[{RUNS}/tiny-preferences-validation/rules.parquet]",
          f"output_dir={RUNS}/tiny-reward-model", "resume=false"],  # fmt: skip
     )
-    trained = run_reward_model(rm_cfg)
+    trained = reused_reward_model(args.rm_run, rm_cfg) if args.rm_run else run_reward_model(rm_cfg)
     heldout = heldout_scores(trained["checkpoint"], tiny_world, RUNS / "tiny-preferences-test" / "rules.parquet", args.test_prompts, args.scorers, rm_cfg.data)
 
     result: dict[str, Any] = {
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         "tiny": {
             "policy": TINY_POLICY,
             "preferences": {s: {k: p[k] for k in ("prompts", "candidates", "duplicates_dropped", "scripted_incomplete", "judges")} for s, p in prefs.items()},
-            "reward_model": {k: trained[k] for k in ("checkpoint", "steps", "data", "validation", "wall_seconds")},
+            "reward_model": {k: trained.get(k) for k in ("checkpoint", "steps", "data", "validation", "wall_seconds", "reused_run")},
             "test": heldout,
             # Settings were fixed before any run (configs/tiny/reward_model.yaml); the validation
             # split is only logged during training; the test split is scored once, here.
