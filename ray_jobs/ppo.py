@@ -287,7 +287,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     from ray_jobs.weight_sync import sync_weights
     from tooltune.chat import install_tool_template, needs_tool_template
     from tooltune.models import resolve_model
-    from tooltune.tracking import MetricsLogger
+    from tooltune.tracking import MetricsLogger, plot_curves
     from tooltune.world import generate_world, world_registry
     from trainers.ppo_trainer import PPOTrainer
 
@@ -329,6 +329,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
         finally:
             roles.shutdown()
     logger.close()
+    plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES, f"PPO {out.name}")
     final = trainer.ckpt.latest()
     result = {
         "base_model": model_dir,
@@ -342,6 +343,14 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# The learning curves drawn in the run directory at the end (curves.png).
+CURVES = [
+    "reward/total", "reward/rule", "reward/rm", "batch/over_call_rate", "batch/under_call_rate", "batch/calls_per_query",
+    "policy/kl_ref", "policy/entropy", "policy/clip_fraction", "policy/approx_kl", "critic/value_loss",
+    "critic/explained_variance", "eval/over_call_rate", "eval/under_call_rate", "eval/argument_accuracy",
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

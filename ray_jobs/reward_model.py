@@ -75,7 +75,7 @@ def run_reward_model(cfg: RewardModelConfig, stop_after: int | None = None) -> d
 
     from tooltune.chat import install_tool_template, needs_tool_template
     from tooltune.models import resolve_model
-    from tooltune.tracking import MetricsLogger
+    from tooltune.tracking import MetricsLogger, plot_curves
     from trainers.group import LearnerGroup
     from trainers.reward_model import RewardModelTrainer, planned_steps
 
@@ -107,6 +107,9 @@ def run_reward_model(cfg: RewardModelConfig, stop_after: int | None = None) -> d
         finally:
             group.shutdown()
     logger.close()
+    curves = ["train/loss", "train/accuracy", "validation/loss", "validation/accuracy"]
+    curves += sorted({k for h in history for k in h if k.startswith("validation/accuracy/")})
+    plot_curves(out / "metrics.jsonl", out / "curves.png", curves, f"reward model {out.name}")
     final = trainer.ckpt.latest()
     last_validation = next((h for h in reversed(history) if "validation/accuracy" in h), {})
     result = {

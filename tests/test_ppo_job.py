@@ -162,6 +162,7 @@ def test_ppo_steps_advance_the_policy_and_keep_workers_in_sync(uninterrupted):
     assert [line["step"] for line in lines] == [1, 2, 3]
     final = run / "checkpoints" / "step-000003"
     assert (final / "model" / "config.json").exists() and (final / "critic").is_dir() and (final / "critic_state").is_dir()
+    assert (run / "curves.png").stat().st_size > 0
 
 
 @pytest.mark.slow

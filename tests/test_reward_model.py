@@ -119,6 +119,7 @@ def test_reward_model_trains_resumes_loads_as_classifier_and_scorer_actors_agree
     assert [h["step"] for h in result["history"]] == list(range(9, 41))
     logged = [json.loads(line)["step"] for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 41))
+    assert (tmp_path / "rm" / "curves.png").stat().st_size > 0
     # Per category, on prompts it never trained on.
     accuracy = result["validation"]
     assert {"accuracy/no_tool", "accuracy/single"} <= accuracy.keys()

@@ -47,3 +47,34 @@ class MetricsLogger:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> list[str]:
+    """One panel per key of ``keys`` that ``metrics.jsonl`` holds, its value against the step
+    (steps where it was not logged are skipped); returns the keys drawn. Nothing is written when
+    none is there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    drawn = [k for k in keys if series[k]]
+    if not drawn:
+        return []
+    cols = min(3, len(drawn))
+    fig, axes = plt.subplots(-(-len(drawn) // cols), cols, figsize=(4.5 * cols, 3.2 * -(-len(drawn) // cols)), squeeze=False)
+    for ax, key in zip(axes.flat, drawn):
+        steps, values = zip(*series[key])
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(drawn) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return drawn
