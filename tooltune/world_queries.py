@@ -269,13 +269,22 @@ def _small_talk(rng: random.Random, run: Run) -> _Draft:
     return _Draft(f"{greeting}{who} {body}", [], "")
 
 
+# Trivial arithmetic as users ask it, each phrasing with the calculator's operator. The same
+# phrasings with large operands need the calculator (``tooltune.world_contrast``).
+TRIVIAL_FORMS = (
+    ("What is {a}+{b}?", "+"), ("What is {a} + {b}?", "+"), ("What's {a} plus {b}?", "+"),
+    ("What is {a}-{b}?", "-"), ("What is {a} minus {b}?", "-"), ("What is {a} times {b}?", "*"),
+)  # fmt: skip
+
+
+def apply_operator(op: str, a: int, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
 def _trivial_math(rng: random.Random, run: Run) -> _Draft:
     a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
-    query, answer = rng.choice((
-        (f"What is {a}+{b}?", a + b), (f"What is {a} + {b}?", a + b), (f"What's {a} plus {b}?", a + b),
-        (f"What is {a}-{b}?", a - b), (f"What is {a} minus {b}?", a - b), (f"What is {a} times {b}?", a * b),
-    ))  # fmt: skip
-    return _Draft(query, [], str(answer), bait=("calculator",))
+    form, op = rng.choice(TRIVIAL_FORMS)
+    return _Draft(form.format(a=a, b=b), [], str(apply_operator(op, a, b)), bait=("calculator",))
 
 
 def _general_fact(rng: random.Random, run: Run) -> _Draft:

@@ -1,0 +1,76 @@
+"""Contrastive arithmetic: a call decision that must follow the content, not the phrasing.
+
+The tool world's trivial no-tool questions ("What is 7 times 4?", a calculator offered) all have
+operands up to 12. A model can learn "this phrasing means answer directly" and then answer
+"What is 48213 * 977?" directly, and wrongly. Each contrastive pair holds one phrasing of
+``world_queries.TRIVIAL_FORMS`` twice, with the same tools offered: with small operands (no tool
+needed: answer directly) and with large ones (the calculator is needed: one exact call). Every
+phrasing appears equally often, so the two halves have the same proportions of phrasings.
+
+The set is its own seeded stream, apart from the world's splits: adding it changes no split.
+Small-operand queries come from a space of ~1,000 and can coincide with training queries; what is
+measured on them is the decision, which training on the same phrasing is exactly what can bias.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tooltune.episode import Episode, Task, ToolCall
+from tooltune.metrics import answer_is_correct, calls_match_exactly
+from tooltune.tools import ToolRegistry
+from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
+from tooltune.world_queries import TRIVIAL_FORMS, apply_operator
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    trivial: Task  # small operands: no call is needed
+    large: Task  # the same phrasing with large operands: the calculator is needed
+
+
+def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1, registry: ToolRegistry | None = None) -> list[ContrastPair]:
+    """``n_per_form`` pairs for each phrasing, in a seeded order; both tasks of a pair offer the
+    calculator and the same ``distractor_tools`` other built-in tools, in the same order."""
+    registry = registry or builtin_registry()
+    rng = random.Random(f"tooltune-contrast:{seed}")
+    pool = [n for n in registry.names() if n != "calculator" and n not in UNSEEN_TOOLS]
+    plan = [form for form in TRIVIAL_FORMS for _ in range(n_per_form)]
+    rng.shuffle(plan)
+    pairs = []
+    for i, (form, op) in enumerate(plan):
+        tools = ["calculator", *rng.sample(pool, min(distractor_tools, len(pool)))]
+        rng.shuffle(tools)
+        schemas = registry.schemas(tools)
+        a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
+        trivial = Task(id=f"contrast-{i:04d}-trivial", query=form.format(a=a, b=b), tools=schemas, expected_calls=[],
+                       expected_answer=str(apply_operator(op, a, b)), category="no_tool")  # fmt: skip
+        a, b = rng.randint(10_000, 99_999), rng.randint(100, 9_999)
+        call = ToolCall("calculator", {"expression": f"{a} {op} {b}"})
+        result = registry.execute(call, timeout_s=None)
+        if result.error is not None:
+            raise RuntimeError(f"contrast call {call} failed: {result.error}")
+        answer = str(apply_operator(op, a, b))
+        large = Task(id=f"contrast-{i:04d}-large", query=form.format(a=a, b=b), tools=schemas, expected_calls=[[call]],
+                     expected_answer=answer, category="single")  # fmt: skip
+        pairs.append(ContrastPair(trivial, large))
+    return pairs
+
+
+def contrastive_decisions(pairs: list[ContrastPair], episodes: dict[str, Episode]) -> dict[str, float | int]:
+    """``contrastive_trivial_direct``: the share of trivial halves answered with no call attempted;
+    ``contrastive_large_called``: the share of large halves whose calls are exactly the expected
+    calculator call; with the right answer besides, ``..._answered`` for each. ``episodes`` by task id."""
+    n = len(pairs)
+    if not n:
+        return {"pairs": 0}
+    trivial = [episodes[p.trivial.id] for p in pairs]
+    large = [episodes[p.large.id] for p in pairs]
+    return {
+        "pairs": n,
+        "contrastive_trivial_direct": sum(not e.attempted_call for e in trivial) / n,
+        "contrastive_trivial_answered": sum(not e.attempted_call and answer_is_correct(p.trivial, e) for p, e in zip(pairs, trivial)) / n,
+        "contrastive_large_called": sum(calls_match_exactly(p.large, e) for p, e in zip(pairs, large)) / n,
+        "contrastive_large_answered": sum(calls_match_exactly(p.large, e) and answer_is_correct(p.large, e) for p, e in zip(pairs, large)) / n,
+    }
