@@ -32,7 +32,7 @@ from rollout.agent_loop import LoopConfig, Trajectory, run_episodes
 from rollout.scorer import RewardScorer, ScorerConfig, score_summary
 from tooltune.config import StrictModel, save_config
 from tooltune.episode import Task
-from tooltune.models import TinyModelConfig
+from tooltune.models import TinyModelConfig, resolve_model
 from tooltune.provenance import provenance
 from tooltune.weights import WeightSyncConfig
 from tooltune.world import WorldConfig
@@ -60,7 +60,8 @@ class PPORoles(StrictModel):
 
 
 class RewardSettings(StrictModel):
-    # A reward model checkpoint (``ray_jobs.reward_model``'s output); None: the rule reward alone.
+    # A reward model (a checkpoint, or ``ray_jobs.reward_model``'s run directory: its latest
+    # checkpoint); None: the rule reward alone.
     model: str | None = None
     # The scorers' dtype, micro-batch and ZeRO stage (frozen, whatever else is set here).
     learner: LearnerConfig = LearnerConfig(zero_stage=0)
@@ -218,7 +219,7 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
             roles.critic = learners("critic", cfg.critic)
         if cfg.reward.model:
             scorers, roles.scorer = start_scorers(
-                cfg.reward.model, cfg.roles.scorers, cfg.reward.learner, roles.groups["scorers"], cfg.reward.scorer
+                resolve_model(cfg.reward.model), cfg.roles.scorers, cfg.reward.learner, roles.groups["scorers"], cfg.reward.scorer
             )
             roles.learner_groups.append(scorers)
         else:
@@ -286,7 +287,6 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     from ray_jobs.sft import prepare_run_dir
     from ray_jobs.weight_sync import sync_weights
     from tooltune.chat import install_tool_template, needs_tool_template
-    from tooltune.models import resolve_model
     from tooltune.tracking import MetricsLogger, plot_curves
     from tooltune.world import generate_world, world_registry
     from trainers.ppo_trainer import PPOTrainer
