@@ -55,7 +55,8 @@ class PPORoles(StrictModel):
     critic: RoleConfig = RoleConfig(num_ranks=1)
     reference: RoleConfig = RoleConfig(num_ranks=1)
     scorers: RoleConfig = RoleConfig(num_ranks=1)
-    # Roles sharing bundles (``cluster.placement.PlacementConfig.colocate``), e.g. [[actor, rollout]].
+    # Roles sharing bundles (``cluster.placement.PlacementConfig.colocate``), e.g. [[actor, reference]];
+    # not rollout with a learner role yet (the step does not put the engines to sleep).
     colocate: list[list[str]] = []
 
 
@@ -116,6 +117,19 @@ class PPOConfig(StrictModel):
             )
         if self.reference.trainable or self.actor.head != "lm" or self.critic.head != "value":
             raise ValueError("reference.trainable must be false, actor.head 'lm' and critic.head 'value'")
+        if not self.actor.trainable or (self.algorithm.needs_critic and not self.critic.trainable):
+            raise ValueError("actor.trainable (and critic.trainable, with a critic) must be true: PPO updates them")
+        if self.reference.dtype != self.actor.dtype:
+            raise ValueError(
+                f"reference.dtype ({self.reference.dtype}) must be actor.dtype ({self.actor.dtype}): otherwise the KL "
+                "to the reference is not 0 at the start, and the KL penalty punishes the precision gap"
+            )
+        learner_roles = {"actor", "critic", "reference", "scorers"}
+        if any("rollout" in group and learner_roles & set(group) for group in self.roles.colocate):
+            raise ValueError(
+                "roles.colocate puts rollout with a learner role, but the PPO step does not yet put the engines to "
+                "sleep while the learners run: on a GPU both would hold their memory at once; give rollout its own bundles"
+            )
         rows = self.train.prompts_per_step * self.loop.samples_per_task
         trained = {"actor": self.actor} | ({"critic": self.critic} if self.algorithm.needs_critic else {})
         for name, lc in trained.items():
@@ -208,7 +222,9 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
         optimizer_steps = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
 
         def learners(name: str, lc: LearnerConfig) -> Any:
-            update = {"model": model_dir} | ({"total_steps": lc.total_steps or optimizer_steps} if lc.trainable else {})
+            # A role's own model (a critic started from a reward model, another reference) or the policy's.
+            start = resolve_model(lc.model) if lc.model else model_dir
+            update = {"model": start} | ({"total_steps": lc.total_steps or optimizer_steps} if lc.trainable else {})
             group = LearnerGroup(f"ppo-{name}", getattr(cfg.roles, name), lc.model_copy(update=update), roles.groups[name])
             roles.learner_groups.append(group)
             return group
@@ -308,6 +324,11 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
         raise ValueError(
             f"none of the {len(splits['train'])} training prompts leaves loop.max_new_tokens ({cfg.loop.max_new_tokens}) "
             f"within loop.max_total_tokens ({cfg.loop.max_total_tokens})"
+        )
+    if len(train_tasks) < cfg.train.prompts_per_step:
+        raise ValueError(
+            f"{len(train_tasks)} training prompts fit loop.max_total_tokens, fewer than train.prompts_per_step "
+            f"({cfg.train.prompts_per_step})"
         )
     validation = splits["validation"][: cfg.train.eval_limit]
     registry = world_registry(cfg.world)

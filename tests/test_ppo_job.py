@@ -68,6 +68,12 @@ def test_config_checks_rows_sampling_and_reward_model():
         PPOConfig.model_validate(data | {"reward": {"scorer": {"rm_weight": 1.0}}})
     with pytest.raises(ValidationError, match="max_staleness"):
         PPOConfig.model_validate(data | {"train": data["train"] | {"max_staleness": 1}})
+    with pytest.raises(ValidationError, match="actor.trainable"):
+        PPOConfig.model_validate(data | {"actor": data["actor"] | {"trainable": False}})
+    with pytest.raises(ValidationError, match=r"reference.dtype \(bfloat16\) must be actor.dtype \(float32\)"):
+        PPOConfig.model_validate(data | {"reference": data["reference"] | {"dtype": "bfloat16"}})
+    with pytest.raises(ValidationError, match="roles.colocate puts rollout with a learner role"):
+        PPOConfig.model_validate(data | {"roles": data["roles"] | {"colocate": [["actor", "rollout"]]}})
 
 
 # ---- the job on real parts ------------------------------------------------------------------
