@@ -192,14 +192,16 @@ def ppo_policy_loss(
     by ``kl_kind``); log-probs taken at the sampling temperature. Every term is aggregated by
     ``loss_agg`` (see ``aggregate`` for the denominator that goes with it); the stats stay sums
     over tokens: ``entropy_sum``, ``kl_sum``, ``approx_kl_sum`` (see ``approx_kl``), ``loss_sum``."""
-    logp, entropy = fwd.logprobs(temperature, entropy=entropy_coef > 0)
+    # The entropy comes from the same pass over the vocabulary as the log-probs (a stat even
+    # without a bonus; unused, it adds nothing to the backward pass).
+    logp, entropy = fwd.logprobs(temperature, entropy=True)
     mask = batch["action_mask"][:, 1:].to(logp.dtype)
     old = batch["old_logprobs"][:, 1:].float()
     total, stats = clipped_policy_loss(logp, old, batch["advantages"][:, 1:].float(), mask, clip_eps, dual_clip, loss_agg)
     stats["approx_kl_sum"] = float(approx_kl(logp.detach(), old, mask))
+    stats["entropy_sum"] = float(aggregate(entropy.detach(), mask)[0])
     if entropy_coef > 0:
         total = total - entropy_coef * aggregate(entropy, mask, loss_agg)[0]
-        stats["entropy_sum"] = float(aggregate(entropy.detach(), mask)[0])
     if kl_coef > 0:
         # Padded columns hold reference log-prob 0: exp(0 - logp) can overflow there, and
         # inf * 0 is NaN (in the backward pass too), so they compare the policy with itself.

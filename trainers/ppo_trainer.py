@@ -31,7 +31,7 @@ from tooltune.tracking import MetricsLogger
 from trainers.forward import pad_columns
 from trainers.group import LearnerGroup
 from trainers.loop import StepTrainer
-from trainers.losses import aggregate, kl_estimate, loss_units, ppo_policy_loss, value_loss
+from trainers.losses import kl_estimate, loss_units, ppo_policy_loss, value_loss
 from trainers.ppo import PPOAlgorithmConfig, compute_advantages, explained_variance, masked_mean, token_values
 
 
@@ -106,17 +106,6 @@ def minibatch_plan(rows: int, mini_batches: int, seed: int, step: int, epoch: in
 def token_aligned(per_position: list[list[float]]) -> list[list[float]]:
     """A learner's log-probs (entry t-1 belongs to token t) as a column aligned with the tokens."""
     return [[0.0, *row] for row in per_position]
-
-
-def ppo_actor_loss(fwd, batch: dict[str, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """``ppo_policy_loss``, with the policy's entropy on the action tokens always in the stats
-    (without an entropy bonus the loss does not compute it: here it is measured without gradient)."""
-    total, stats = ppo_policy_loss(fwd, batch, **kwargs)
-    if "entropy_sum" not in stats:
-        with torch.no_grad():
-            _, entropy = fwd.logprobs(kwargs.get("temperature", 1.0), entropy=True)
-        stats["entropy_sum"] = float(aggregate(entropy, batch["action_mask"][:, 1:].to(entropy.dtype))[0])
-    return total, stats
 
 
 class PPOTrainer(StepTrainer):
@@ -217,7 +206,7 @@ class PPOTrainer(StepTrainer):
         each rank its contiguous share of the mini-batch's rows. Each loss is divided by its
         mini-batch's units over all ranks. Returns the stats summed over updates and ranks, with
         ``loss_sum`` and ``value_loss_sum`` already per unit, and the number of updates."""
-        actor_loss = partial(ppo_actor_loss, temperature=self.temperature, **self.algo.policy_loss_kwargs())
+        actor_loss = partial(ppo_policy_loss, temperature=self.temperature, **self.algo.policy_loss_kwargs())
         critic_loss = partial(value_loss, **self.algo.value_loss_kwargs())
         rows = len(columns["input_ids"])
         actor_totals: dict[str, float] = {}
