@@ -42,3 +42,17 @@ class LearnerGroup:
     def shutdown(self) -> None:
         """Kill the ranks and leave the placement group (``RoleGroup.close``)."""
         self.placement.close()
+
+
+def shares(rows: list[Any], parts: int) -> list[list[Any]]:
+    """``rows`` cut into ``parts`` contiguous shares, sizes differing by at most one."""
+    size, extra = divmod(len(rows), parts)
+    bounds = [r * size + min(r, extra) for r in range(parts + 1)]
+    return [rows[bounds[r] : bounds[r + 1]] for r in range(parts)]
+
+
+def per_rank(group: LearnerGroup, method: str, rows: list[Any], *args: Any) -> list[Any]:
+    """``method`` over ``rows`` split into one share per rank, results back in row order (every
+    rank is called: under ZeRO-3 the forward passes are collectives)."""
+    results = group.each(method, [(share, *args) for share in shares(rows, group.world_size)])
+    return [r for part in results for r in part]

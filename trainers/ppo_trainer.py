@@ -29,7 +29,7 @@ from pydantic import Field
 from tooltune.config import StrictModel
 from tooltune.tracking import MetricsLogger
 from trainers.forward import pad_columns
-from trainers.group import LearnerGroup
+from trainers.group import LearnerGroup, per_rank, shares
 from trainers.loop import StepTrainer
 from trainers.losses import kl_estimate, loss_units, ppo_policy_loss, value_loss
 from trainers.ppo import PPOAlgorithmConfig, compute_advantages, explained_variance, masked_mean, token_values
@@ -80,19 +80,6 @@ def check_staleness(versions: list[int | None], learner_version: int, max_stalen
             f"{len(bad)} trajectories outside policy versions {oldest}..{learner_version} "
             f"(learners at {learner_version}, max_staleness {max_staleness}): {shown}"
         )
-
-
-def shares(rows: list[Any], parts: int) -> list[list[Any]]:
-    """``rows`` cut into ``parts`` contiguous shares, sizes differing by at most one."""
-    size, extra = divmod(len(rows), parts)
-    bounds = [r * size + min(r, extra) for r in range(parts + 1)]
-    return [rows[bounds[r] : bounds[r + 1]] for r in range(parts)]
-
-
-def per_rank(group: LearnerGroup, method: str, rows: list[Any], *args: Any) -> list[Any]:
-    """``method`` over ``rows`` split into one share per rank, results back in row order."""
-    results = group.each(method, [(share, *args) for share in shares(rows, group.world_size)])
-    return [r for part in results for r in part]
 
 
 def minibatch_plan(rows: int, mini_batches: int, seed: int, step: int, epoch: int) -> list[list[int]]:

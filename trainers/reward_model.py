@@ -20,7 +20,7 @@ from tooltune.chat import reward_ids
 from tooltune.config import StrictModel
 from tooltune.preferences import PreferenceRecord, ranking_pairs
 from tooltune.tracking import MetricsLogger
-from trainers.group import LearnerGroup
+from trainers.group import LearnerGroup, per_rank
 from trainers.loop import StepTrainer
 from trainers.losses import bradley_terry_loss
 from trainers.packing import global_batch_indices, rank_micro_batches, steps_per_epoch
@@ -111,12 +111,8 @@ def planned_steps(num_pairs: int, pairs_per_step: int, cfg: RewardTrainConfig) -
 
 
 def score_sequences(group: LearnerGroup, sequences: list[list[int]]) -> list[float]:
-    """The reward model's score of each sequence, the work split into contiguous shares over the
-    ranks (every rank is called: under ZeRO-3 the forward passes are collectives)."""
-    world = group.world_size
-    size = -(-len(sequences) // world) if sequences else 0
-    shares = [sequences[r * size : (r + 1) * size] for r in range(world)]
-    return [score for part in group.each("rewards", [(share,) for share in shares]) for score in part]
+    """The reward model's score of each sequence, split over the group's ranks."""
+    return per_rank(group, "rewards", sequences)
 
 
 class RewardModelTrainer(StepTrainer):
