@@ -145,3 +145,21 @@ def test_config_changes_names_dotted_keys_and_skips_ignored_and_added_ones():
     assert config_changes(old, new) == ["lr (0.1 -> 0.2)", "train.keep (2 -> 3)", "eval.limit (5 -> 9)", "train.seed (<unset> -> 0)"]
     assert config_changes(old, new, ignore=["eval", "train.keep"]) == ["lr (0.1 -> 0.2)", "train.seed (<unset> -> 0)"]
     assert config_changes(old, new, ignore=["eval", "train.keep"], added_ok=True) == ["lr (0.1 -> 0.2)"]
+
+
+def test_a_base_file_is_read_first_and_laid_under(tmp_path):
+    write(tmp_path, "name: base\ntrainer:\n  lr: 0.5\n  epochs: 3\n  layers: [1, 2, 3]\n", "base.yaml")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    p = write(sub, "base: ../base.yaml\ntrainer:\n  epochs: 4\n  layers: [9]\n", "over.yaml")
+    cfg = load_config(p, Job, ["trainer.lr=0.25"])
+    # Mappings merge key by key; a list replaces the base's; overrides still come last.
+    assert cfg.name == "base" and cfg.trainer == Trainer(lr=0.25, epochs=4, layers=[9])
+
+
+def test_a_base_that_includes_itself_or_is_missing_is_one_line(tmp_path):
+    a = write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    assert "includes itself" in error_of(a)
+    assert "no such config file" in error_of(write(tmp_path, "base: gone.yaml\n", "c.yaml"))
+    assert "base must be the path" in error_of(write(tmp_path, "base: [1]\n", "d.yaml"))

@@ -84,8 +84,10 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: malformed YAML: {_one_line(e)}") from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (an empty file is an empty mapping)."""
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (an empty file is an empty mapping). A top-level
+    ``base: other.yaml`` (a path relative to this file) reads that file first and lays this one
+    over it: mappings merge key by key, anything else (a list, a value) replaces the base's."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -98,7 +100,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of a YAML file, got {base!r}")
+    resolved = (p.parent / base).resolve()
+    if resolved in _seen or resolved == p.resolve():
+        raise ConfigError(f"{path}: base {base} includes itself")
+    return _merged(read_yaml(resolved, (*_seen, p.resolve())), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, str]:
