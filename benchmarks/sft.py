@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, write_result
-from ray_jobs.evaluate import run_evaluation
+from ray_jobs.evaluate import ContrastSettings, run_evaluation
 from ray_jobs.sft import SFTConfig, evaluation_config, run_sft, saved_config_changes
-from tooltune.config import ConfigError, load_config
+from tooltune.config import ConfigError, config_changes, load_config
 from tooltune.episode import Episode
 from tooltune.metrics import metric_intervals, miss_breakdown, pair_episodes
 from tooltune.provenance import provenance
@@ -69,13 +69,20 @@ def run_changes(sft: SFTConfig, finished: bool = True) -> list[str] | None:
     return changes
 
 
-def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: Path, label: str) -> dict[str, Any]:
+def score(
+    sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: Path, label: str, contrast: ContrastSettings | None = None
+) -> dict[str, Any]:
     """``model`` on ``split`` of the run's world: the rates overall, on seen and on unseen tools,
-    each with a bootstrap 95% interval over tasks, and where exact calls fail. Scored at most once
-    per directory: an earlier score of the same model and tasks is read back, not recomputed."""
+    each with a bootstrap 95% interval over tasks, and where exact calls fail; with ``contrast``,
+    the contrastive arithmetic pairs' decisions too. Scored at most once per directory: an
+    earlier score of the same model and tasks is read back, not recomputed."""
     cfg = evaluation_config(sft.model_copy(update={"evaluation": sft.evaluation.model_copy(update={"limit": limit})}), model, eval_dir, label, split)
+    if contrast is not None:
+        cfg = cfg.model_copy(update={"contrast": contrast})
     previous = eval_dir / "metrics.json"
-    same = previous.exists() and json.loads(previous.read_text())["config"] == cfg.model_dump(mode="json")
+    old, new = json.loads(previous.read_text())["config"] if previous.exists() else None, cfg.model_dump(mode="json")
+    # A setting added to the evaluation since that score (at its default) does not make it another score.
+    same = old is not None and not config_changes(old, new, added_ok=True) and old.get("contrast", ContrastSettings().model_dump(mode="json")) == new["contrast"]
     if previous.exists() and not same and split == "test":
         raise SystemExit(
             f"error: {eval_dir} already holds a test score of this run, under another evaluation config: "
@@ -99,6 +106,8 @@ def score(sft: SFTConfig, model: str, split: str, limit: int | None, eval_dir: P
             for k in RATES
         }
     result["misses"] = miss_breakdown(pairs)
+    if contrast is not None:
+        result["contrast"] = json.loads(previous.read_text())["contrast"]
     return result
 
 

@@ -3,7 +3,9 @@
 1. start (or attach to) Ray and spawn N rollout workers (vLLM engines);
 2. tool world: run every task of the chosen splits, and of the user's eval files (``files``,
    see ``tooltune.eval_data``), through the multi-turn tool loop, sharded across the workers;
-   compute every metric (overall, seen tools, unseen tools) per split and per file;
+   compute every metric (overall, seen tools, unseen tools) per split and per file; with
+   ``contrast.pairs_per_form``, the contrastive arithmetic pairs too (does the call decision
+   follow the operands or the phrasing?);
 3. BFCL: its single-turn categories through the same loop with ``max_turns=1``, scored by
    BFCL's own AST checker;
 4. write ``metrics.json``, ``episodes.jsonl``, ``report.md`` and ``metrics.png``.
@@ -33,6 +35,7 @@ from tooltune.models import resolve_model
 from tooltune.parser import decode_tool_calls
 from tooltune.provenance import provenance
 from tooltune.world import SPLITS, WorldConfig, world_registry
+from tooltune.world_contrast import ContrastSettings
 
 
 class WorkerSettings(RolloutConfig):
@@ -60,6 +63,7 @@ class EvalConfig(StrictModel):
     files_on_error: Literal["skip", "fail"] = "fail"
     limit: int | None = Field(None, ge=1)  # the first N tasks of each split and file
     bfcl: BfclEvalConfig = BfclEvalConfig()
+    contrast: ContrastSettings = ContrastSettings()
     loop: LoopConfig = LoopConfig(sampling={"temperature": 0.0})
     output_dir: str = "runs/evaluate"
 
@@ -82,11 +86,15 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     from rollout.vllm_worker import RolloutWorker
     from tooltune.bfcl import bfcl_summary, load_bfcl
     from tooltune.metrics import compute_metrics
+    from tooltune.world_contrast import contrastive_decisions, contrastive_pairs
 
     t0 = time.time()
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     world, data_errors = world_tasks(cfg)
+    c = cfg.contrast
+    pairs = contrastive_pairs(c.pairs_per_form, c.seed, c.distractor_tools) if c.pairs_per_form else []
+    contrast_tasks = [task for pair in pairs for task in (pair.trivial, pair.large)]
     bfcl_items = load_bfcl(cfg.bfcl.categories, cfg.bfcl.limit_per_category) if cfg.bfcl.limit_per_category else []
     timing: dict[str, float] = {}
 
@@ -98,9 +106,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             ray.get([w.version.remote() for w in workers])  # the engines are up
             timing["startup_s"] = time.time() - t0
 
-            # Tool world: all splits in one batch, each turn's prompts spread over the workers.
+            # Tool world: all splits (and the contrastive pairs) in one batch, each turn's prompts
+            # spread over the workers.
             t = time.time()
-            tasks = [task for split in world.values() for task in split]
+            tasks = [task for split in world.values() for task in split] + contrast_tasks
             registry = world_registry(cfg.world)
             trajectories = dict(zip((task.id for task in tasks), run_episodes(tasks, workers, tokenizer, cfg.loop, registry)))
             timing["world_s"] = time.time() - t
@@ -118,6 +127,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         split: compute_metrics(split_tasks, [trajectories[task.id].episode for task in split_tasks])
         for split, split_tasks in world.items()
     }
+    contrast = contrastive_decisions(pairs, {t.id: trajectories[t.id].episode for t in contrast_tasks}) if pairs else None
     bfcl_scores = [score_bfcl_episode(item, run.episode) for item, run in zip(bfcl_items, bfcl_runs)]
     bfcl = bfcl_summary(bfcl_items, bfcl_scores) if bfcl_items else None
 
@@ -131,6 +141,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "policy_version": everything[0].policy_version if everything else None,
         "world": world_metrics,
         "bfcl": bfcl,
+        "contrast": contrast,
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / max(timing["world_s"] + timing["bfcl_s"], 1e-9),
         "timing": {k: round(v, 1) for k, v in timing.items()},
@@ -138,7 +149,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "provenance": provenance(cfg, run_dir=cfg.output_dir),
     }
-    write_outputs(Path(cfg.output_dir), results, world, trajectories, bfcl_items, bfcl_runs, bfcl_scores)
+    episodes_of = world | ({"contrast": contrast_tasks} if contrast_tasks else {})
+    write_outputs(Path(cfg.output_dir), results, episodes_of, trajectories, bfcl_items, bfcl_runs, bfcl_scores)
     return results
 
 
@@ -230,6 +242,12 @@ def report_markdown(results: dict[str, Any]) -> str:
     for split, metrics in results["world"].items():
         rows = {f"{label}": metrics, f"{label}, seen tools": metrics["seen"], f"{label}, unseen tools": metrics["unseen"]}
         lines += ["", f"## Tool world: {split}", "", metrics_markdown(rows)]
+    contrast = results.get("contrast")
+    if contrast:
+        lines += ["", f"## Contrastive arithmetic ({contrast['pairs']} pairs: one phrasing, small and large operands)", ""]
+        lines += ["| half | right decision | and right answer |", "|---|---:|---:|"]
+        lines.append(f"| trivial: no call | {100 * contrast['contrastive_trivial_direct']:.1f}% | {100 * contrast['contrastive_trivial_answered']:.1f}% |")
+        lines.append(f"| large: the exact calculator call | {100 * contrast['contrastive_large_called']:.1f}% | {100 * contrast['contrastive_large_answered']:.1f}% |")
     bfcl = results["bfcl"]
     if bfcl:
         lines += ["", f"## BFCL (bfcl-eval {bfcl['bfcl_eval_version']}, AST checker)", ""]
@@ -290,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         results = run_evaluation(cfg)
     summary = {split: {k: v for k, v in m.items() if k not in ("seen", "unseen")} for split, m in results["world"].items()}
-    print(json.dumps({"world": summary, "bfcl": results["bfcl"] and results["bfcl"]["overall"], "timing": results["timing"]}, indent=2))
+    shown = {"world": summary, "bfcl": results["bfcl"] and results["bfcl"]["overall"], "contrast": results["contrast"], "timing": results["timing"]}
+    print(json.dumps(shown, indent=2))
     print(f"wrote {cfg.output_dir}/metrics.json, report.md, metrics.png, episodes.jsonl")
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tooltune.episode import Episode
 from tooltune.metrics import METRIC_KEYS
 
 
@@ -16,7 +17,7 @@ def test_evaluate_job_writes_every_metric_and_bfcl(tmp_path):
     # The user's own eval file too, with one bad row (skipped and reported, file and row).
     mine = tmp_path / "mine.jsonl"
     mine.write_text(Path("configs/examples/eval_tasks.jsonl").read_text() + '{"messages": []}\n')
-    overrides = [f"output_dir={tmp_path}", f"files=[{mine}]", "files_on_error=skip"]
+    overrides = [f"output_dir={tmp_path}", f"files=[{mine}]", "files_on_error=skip", "contrast.pairs_per_form=1"]
     cfg = load_config("configs/tiny/evaluate.yaml", EvalConfig, overrides)
     results = run_evaluation(cfg)
 
@@ -35,12 +36,23 @@ def test_evaluate_job_writes_every_metric_and_bfcl(tmp_path):
     own = written["world"]["file:mine.jsonl"]
     assert own["n_tasks"] == 5 and all(key in own for key in METRIC_KEYS)
     assert written["data_errors"] == [f"{mine}:6: no messages"]
+    # The contrastive pairs: one per trivial phrasing, each half an episode of its own.
+    from tooltune.world_queries import TRIVIAL_FORMS
+
+    contrast = written["contrast"]
+    assert contrast["pairs"] == len(TRIVIAL_FORMS)
+    assert all(0 <= contrast[k] <= 1 for k in ("contrastive_trivial_direct", "contrastive_large_called"))
     rows = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
-    assert len(rows) == test["n_tasks"] + own["n_tasks"] + bfcl["overall"]["total"]
+    halves = [row for row in rows if row["source"] == "contrast"]
+    assert len(halves) == 2 * contrast["pairs"]
+    direct = sum(not Episode.from_dict(row).attempted_call for row in halves if row["task_id"].endswith("trivial"))
+    assert contrast["contrastive_trivial_direct"] == direct / contrast["pairs"]
+    assert len(rows) == test["n_tasks"] + own["n_tasks"] + bfcl["overall"]["total"] + len(halves)
     assert {row["task_id"] for row in rows if row["source"] == "file:mine.jsonl"} == {"stock-1", "stock-2", "flight-1", "flight-2", "no-tool-1"}
     assert all(row["end_reason"] for row in rows)
 
     report = (tmp_path / "report.md").read_text()
+    assert "Contrastive arithmetic" in report
     assert "call validity" in report and "unseen tools" in report and "irrelevance" in report and "schema violations" in report
     assert results["world"] == written["world"]
 

@@ -17,11 +17,32 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from pydantic import Field
+
+from tooltune.config import StrictModel
 from tooltune.episode import Episode, Task, ToolCall
 from tooltune.metrics import answer_is_correct, calls_match_exactly
 from tooltune.tools import ToolRegistry
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
 from tooltune.world_queries import TRIVIAL_FORMS, apply_operator
+
+
+# The pairs' seeds held out for scoring: training prompts must come from other seeds.
+HELDOUT_SEEDS = {"test": 0, "validation": 1}
+
+
+class ContrastSettings(StrictModel):
+    """A set of contrastive pairs: each trivial no-tool phrasing with small operands (answer
+    directly) and with large ones (call the calculator), ``pairs_per_form`` of each phrasing."""
+
+    pairs_per_form: int = Field(0, ge=0)  # 0: none
+    seed: int = 0
+    distractor_tools: int = Field(1, ge=0)  # other built-in tools offered beside the calculator
+
+    def tasks(self) -> list[Task]:
+        """Both halves of every pair, pair by pair (none when ``pairs_per_form`` is 0)."""
+        pairs = contrastive_pairs(self.pairs_per_form, self.seed, self.distractor_tools) if self.pairs_per_form else []
+        return [task for pair in pairs for task in (pair.trivial, pair.large)]
 
 
 @dataclass(frozen=True)
