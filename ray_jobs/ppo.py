@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,6 +36,7 @@ from tooltune.models import TinyModelConfig, resolve_model
 from tooltune.provenance import provenance
 from tooltune.weights import WeightSyncConfig
 from tooltune.world import WorldConfig
+from tooltune.world_contrast import HELDOUT_SEEDS, ContrastSettings
 from trainers.learner import LearnerConfig
 from trainers.ppo import PPOAlgorithmConfig
 from trainers.ppo_trainer import PPOTrainConfig, Samples
@@ -45,7 +46,7 @@ from trainers.ppo_trainer import PPOTrainConfig, Samples
 # does not change the episodes, nor does that of scorers change their scores.
 RUN_INDEPENDENT_KEYS = (
     "ray", "resume", "tensorboard", "output_dir", "train.eval_every", "train.eval_limit", "train.save_every",
-    "train.keep_last", "weight_sync", "roles.rollout", "roles.scorers", "roles.colocate",
+    "train.keep_last", "eval_contrast", "weight_sync", "roles.rollout", "roles.scorers", "roles.colocate",
 ) + tuple(f"roles.{role}.{key}" for role in ("actor", "critic", "reference") for key in ("cpus", "gpus", "strategy"))
 
 
@@ -84,10 +85,20 @@ class PPOConfig(StrictModel):
     # Used when the estimator needs a critic (``algorithm.estimator: gae``): a value head on the policy's backbone.
     critic: LearnerConfig = LearnerConfig(head="value")
     reference: LearnerConfig = LearnerConfig(trainable=False, zero_stage=0)
+    # "role": the reference is its own frozen learner group (``roles.reference``, ``reference``);
+    # "actor_base": the actor's base weights with its LoRA adapter disabled, the starting policy
+    # at no second model's cost (the adapter starts at zero). Needs ``actor.lora``.
+    reference_source: Literal["role", "actor_base"] = "role"
     rollout: WorkerSettings = WorkerSettings()
     reward: RewardSettings = RewardSettings()
     algorithm: PPOAlgorithmConfig = PPOAlgorithmConfig()
     world: WorldConfig = WorldConfig()
+    # Contrastive arithmetic pairs added to the training prompts: one phrasing with small operands
+    # (answer directly) and with large ones (call the calculator), so the decision is learnt from
+    # the operands, not from the phrasing. Its seed must not be one the evaluation holds out.
+    contrast_prompts: ContrastSettings = ContrastSettings()
+    # Pairs scored with the validation tasks every ``train.eval_every`` steps (the validation seed's).
+    eval_contrast: ContrastSettings = ContrastSettings(seed=HELDOUT_SEEDS["validation"])
     # samples_per_task is k, the samples per prompt. The learners' log-probs apply the temperature
     # alone: top-p and top-k would make the behaviour policy another distribution.
     loop: LoopConfig = LoopConfig(samples_per_task=2)
@@ -119,6 +130,8 @@ class PPOConfig(StrictModel):
             raise ValueError("reference.trainable must be false, actor.head 'lm' and critic.head 'value'")
         if not self.actor.trainable or (self.algorithm.needs_critic and not self.critic.trainable):
             raise ValueError("actor.trainable (and critic.trainable, with a critic) must be true: PPO updates them")
+        if self.reference_source == "actor_base" and self.actor.lora is None:
+            raise ValueError("reference_source actor_base disables the actor's LoRA adapter: set actor.lora (or use reference_source role)")
         if self.reference.dtype != self.actor.dtype:
             raise ValueError(
                 f"reference.dtype ({self.reference.dtype}) must be actor.dtype ({self.actor.dtype}): otherwise the KL "
@@ -129,6 +142,11 @@ class PPOConfig(StrictModel):
             raise ValueError(
                 "roles.colocate puts rollout with a learner role, but the PPO step does not yet put the engines to "
                 "sleep while the learners run: on a GPU both would hold their memory at once; give rollout its own bundles"
+            )
+        if self.contrast_prompts.pairs_per_form and self.contrast_prompts.seed in HELDOUT_SEEDS.values():
+            raise ValueError(
+                f"contrast_prompts.seed {self.contrast_prompts.seed} draws the held-out pairs "
+                f"({', '.join(f'{k}: {v}' for k, v in HELDOUT_SEEDS.items())}): train on another seed"
             )
         rows = self.train.prompts_per_step * self.loop.samples_per_task
         trained = {"actor": self.actor} | ({"critic": self.critic} if self.algorithm.needs_critic else {})
@@ -212,7 +230,8 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
     from rollout.vllm_worker import RolloutWorker
     from trainers.group import LearnerGroup
 
-    names = ["rollout", "actor", "reference"] + (["critic"] if cfg.algorithm.needs_critic else [])
+    names = ["rollout", "actor"] + (["reference"] if cfg.reference_source == "role" else [])
+    names += ["critic"] if cfg.algorithm.needs_critic else []
     names += ["scorers"] if cfg.reward.model else []
     placement = PlacementConfig(roles={n: getattr(cfg.roles, n) for n in names}, colocate=cfg.roles.colocate)
     roles = Roles(place_roles(placement), [])
@@ -230,7 +249,8 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
             return group
 
         roles.actor = learners("actor", cfg.actor)
-        roles.reference = learners("reference", cfg.reference)
+        if cfg.reference_source == "role":
+            roles.reference = learners("reference", cfg.reference)
         if cfg.algorithm.needs_critic:
             roles.critic = learners("critic", cfg.critic)
         if cfg.reward.model:
@@ -286,14 +306,24 @@ def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, regi
 
 
 def evaluate_workers(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, registry) -> dict[str, float]:
-    """Tool-world metrics of the policy the workers serve, greedy, on the validation tasks."""
+    """Tool-world metrics of the policy the workers serve, greedy, on the validation tasks (and
+    the decisions on ``cfg.eval_contrast``'s pairs)."""
     from tooltune.metrics import compute_metrics
+    from tooltune.world_contrast import contrastive_decisions, contrastive_pairs
     from trainers.sft import tool_eval_scalars
 
+    c = cfg.eval_contrast
+    pairs = contrastive_pairs(c.pairs_per_form, c.seed, c.distractor_tools) if c.pairs_per_form else []
+    contrast = [task for pair in pairs for task in (pair.trivial, pair.large)]
     greedy = cfg.loop.sampling.model_copy(update={"temperature": 0.0})
-    runs = run_episodes(tasks, roles.workers, tokenizer, cfg.loop.model_copy(update={"samples_per_task": 1, "sampling": greedy}), registry)
-    metrics = tool_eval_scalars(compute_metrics(tasks, [r.episode for r in runs]))
-    return {k.replace("tool_eval/", "eval/"): v for k, v in metrics.items()}
+    loop = cfg.loop.model_copy(update={"samples_per_task": 1, "sampling": greedy})
+    runs = run_episodes(tasks + contrast, roles.workers, tokenizer, loop, registry)
+    metrics = tool_eval_scalars(compute_metrics(tasks, [r.episode for r in runs[: len(tasks)]]))
+    metrics = {k.replace("tool_eval/", "eval/"): v for k, v in metrics.items()}
+    if pairs:
+        decisions = contrastive_decisions(pairs, {r.task.id: r.episode for r in runs[len(tasks) :]})
+        metrics |= {f"eval/{k}": float(v) for k, v in decisions.items() if k != "pairs"}
+    return metrics
 
 
 def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict:
@@ -319,10 +349,11 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     if needs_tool_template(tokenizer):
         install_tool_template(tokenizer)
     splits = generate_world(cfg.world)
-    train_tasks = fitting_tasks(splits["train"], tokenizer, cfg.loop)
+    candidates = splits["train"] + cfg.contrast_prompts.tasks()
+    train_tasks = fitting_tasks(candidates, tokenizer, cfg.loop)
     if not train_tasks:
         raise ValueError(
-            f"none of the {len(splits['train'])} training prompts leaves loop.max_new_tokens ({cfg.loop.max_new_tokens}) "
+            f"none of the {len(candidates)} training prompts leaves loop.max_new_tokens ({cfg.loop.max_new_tokens}) "
             f"within loop.max_total_tokens ({cfg.loop.max_total_tokens})"
         )
     if len(train_tasks) < cfg.train.prompts_per_step:
@@ -355,7 +386,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     result = {
         "base_model": model_dir,
         "train_prompts": len(train_tasks),
-        "train_prompts_too_long": len(splits["train"]) - len(train_tasks),
+        "train_prompts_too_long": len(candidates) - len(train_tasks),
         "checkpoint": str(final / "model") if final else None,
         "steps": trainer.total_steps,
         "completed_steps": history[-1]["step"] if history else 0,
@@ -371,6 +402,7 @@ CURVES = [
     "reward/total", "reward/rule", "reward/rm", "batch/over_call_rate", "batch/under_call_rate", "batch/calls_per_query",
     "policy/kl_ref", "policy/entropy", "policy/clip_fraction", "policy/approx_kl", "critic/value_loss",
     "critic/explained_variance", "eval/over_call_rate", "eval/under_call_rate", "eval/argument_accuracy",
+    "eval/contrastive_trivial_direct", "eval/contrastive_large_called",
 ]  # fmt: skip
 
 

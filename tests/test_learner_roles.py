@@ -101,3 +101,29 @@ def test_ppo_step_reference_and_critic(ray_cluster, tiny_model_dir):
     finally:
         for g in (actor, reference, sharded_reference, critic):
             g.shutdown()
+
+
+@pytest.mark.slow
+def test_lora_base_is_the_reference_at_no_extra_model(ray_cluster, tiny_model_dir):
+    from trainers.learner import LoraConfig
+
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    actor = group("lora-actor", tiny_model_dir, zero_stage=2, lr=5e-2, micro_batch_size=4, lora=lora)
+    plain = group("plain", tiny_model_dir, trainable=False, zero_stage=0, micro_batch_size=4)
+    try:
+        ref = plain.first("logprobs", SEQS)
+        # The adapter starts at zero: with or without it, the starting model.
+        assert max(abs(a - b) for x, y in zip(actor.first("logprobs", SEQS), ref) for a, b in zip(x, y)) < 1e-5
+        rows = {"input_ids": SEQS, "action_mask": MASKS, "old_logprobs": [[0.0] + r for r in ref],
+                "advantages": [[1.0 * m for m in mask] for mask in MASKS]}  # fmt: skip
+        actor.first("train_step", rows, partial(ppo_policy_loss, clip_eps=0.2), sum(map(sum, MASKS)))
+        moved = actor.first("logprobs", SEQS)
+        assert max(abs(a - b) for x, y in zip(moved, ref) for a, b in zip(x, y)) > 1e-3
+        # The base under the trained adapter is still the starting model.
+        base = actor.first("logprobs", SEQS, 1.0, True)
+        assert max(abs(a - b) for x, y in zip(base, ref) for a, b in zip(x, y)) < 1e-5
+        with pytest.raises(Exception, match="has none"):
+            plain.first("logprobs", SEQS, 1.0, True)
+    finally:
+        actor.shutdown()
+        plain.shutdown()

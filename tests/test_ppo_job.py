@@ -67,13 +67,17 @@ def test_config_checks_rows_sampling_and_reward_model():
     with pytest.raises(ValidationError, match="reward.model and reward.scorer.rm_weight go together"):
         PPOConfig.model_validate(data | {"reward": {"scorer": {"rm_weight": 1.0}}})
     with pytest.raises(ValidationError, match="max_staleness"):
-        PPOConfig.model_validate(data | {"train": data["train"] | {"max_staleness": 1}})
+        PPOConfig.model_validate(data | {"train": data["train"] | {"max_staleness": 2}})
     with pytest.raises(ValidationError, match="actor.trainable"):
         PPOConfig.model_validate(data | {"actor": data["actor"] | {"trainable": False}})
     with pytest.raises(ValidationError, match=r"reference.dtype \(bfloat16\) must be actor.dtype \(float32\)"):
         PPOConfig.model_validate(data | {"reference": data["reference"] | {"dtype": "bfloat16"}})
     with pytest.raises(ValidationError, match="roles.colocate puts rollout with a learner role"):
         PPOConfig.model_validate(data | {"roles": data["roles"] | {"colocate": [["actor", "rollout"]]}})
+    with pytest.raises(ValidationError, match="reference_source actor_base disables the actor's LoRA adapter"):
+        PPOConfig.model_validate(data | {"reference_source": "actor_base"})
+    with pytest.raises(ValidationError, match="contrast_prompts.seed 1 draws the held-out pairs"):
+        PPOConfig.model_validate(data | {"contrast_prompts": {"pairs_per_form": 1, "seed": 1}})
 
 
 # ---- the job on real parts ------------------------------------------------------------------
@@ -97,7 +101,9 @@ def _config(tiny_model_dir: str, output_dir, *overrides: str) -> PPOConfig:
     return load_config(
         CONFIG, PPOConfig,
         [f"model={tiny_model_dir}", f"reward.model={tiny_model_dir}", "reward.scorer.rm_weight=1.0",
-         f"output_dir={output_dir}", "tensorboard=false", "actor.lr=0.01", "ray.object_store_gib=0.5", *overrides],
+         f"output_dir={output_dir}", "tensorboard=false", "actor.lr=0.01", "ray.object_store_gib=0.5",
+         # Contrastive pairs among the prompts, and scored with the validation tasks.
+         "contrast_prompts={pairs_per_form: 1, seed: 7, distractor_tools: 0}", "eval_contrast.pairs_per_form=1", *overrides],
     )  # fmt: skip
 
 
@@ -120,7 +126,9 @@ class SyncChecks:
         assert actor[0] == actor[1], "ZeRO-2 ranks hold different weights"
         for worker in roles.workers:
             assert _max_diff(ray.get(worker.score.remote([self.probe]))[0], actor[0][0]) < TOL
-        assert _max_diff(roles.reference.first("logprobs", [self.probe])[0], self.start) < 1e-4
+        # The reference (a frozen group, or the LoRA actor's base) is still the starting policy.
+        reference = roles.reference.first("logprobs", [self.probe]) if roles.reference else roles.actor.first("logprobs", [self.probe], 1.0, True)
+        assert _max_diff(reference[0], self.start) < 1e-4
         self.seen.append({"step": done, "actor": actor[0][0], "metrics": metrics})
 
 
@@ -162,6 +170,7 @@ def test_ppo_steps_advance_the_policy_and_keep_workers_in_sync(uninterrupted):
     # The first step starts at the reference: the KL between them is 0 before the update.
     assert seen[0]["metrics"]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-4)
     assert seen[-1]["metrics"]["eval/n_tasks"] == 4  # validation at the last step
+    assert 0 <= seen[-1]["metrics"]["eval/contrastive_large_called"] <= 1
 
     run = Path(cfg.output_dir)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -189,3 +198,31 @@ def test_resumed_run_gives_the_uninterrupted_metrics(uninterrupted, tmp_path, ti
     for key in ("reward/rm", "train/loss", "critic/value_loss", "policy/kl_ref", "policy/entropy", "policy/approx_kl"):
         assert again[key] == pytest.approx(before[key], rel=1e-4, abs=1e-6), key
     assert _max_diff(resumed.seen[0]["actor"], checks.seen[2]["actor"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_off_policy_lora_run_overlaps_rollout_with_training(tmp_path, tiny_model_dir):
+    """max_staleness 1: each step after the first trains on the previous version's rollout (made
+    while the step before trained); a LoRA actor whose base is the reference (no reference group);
+    GRPO without a critic or a reward model; the workers still serve the learners' weights after
+    every sync."""
+    from transformers import AutoTokenizer
+
+    from ray_jobs.ppo import run_ppo
+
+    cfg = _config(
+        tiny_model_dir, tmp_path / "run", "reward.model=null", "reward.scorer.rm_weight=0.0", "train.max_staleness=1",
+        "algorithm.estimator=grpo", "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3", "algorithm.kl_coef=0.05",
+        "actor.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}", "rollout.enable_lora=true", "rollout.max_lora_rank=8",
+        "reference_source=actor_base", "actor.lr=0.05",
+    )  # fmt: skip
+    probe = AutoTokenizer.from_pretrained(tiny_model_dir)(PROBE, add_special_tokens=False)["input_ids"]
+    checks = SyncChecks(probe, _hf_logprobs(tiny_model_dir, probe))
+    result = run_ppo(cfg, on_step=checks)
+    metrics = [s["metrics"] for s in checks.seen]
+    assert result["completed_steps"] == 3 and [m["policy/version"] for m in metrics] == [1, 2, 3]
+    assert [m["policy/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert metrics[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    assert all(math.isfinite(m["train/loss"]) and m["time/rollout_wait_s"] >= 0 for m in metrics)
+    moved = [_max_diff(a["actor"], b) for a, b in zip(checks.seen, [checks.start] + [s["actor"] for s in checks.seen[:-1]])]
+    assert min(moved) > 10 * TOL, moved

@@ -291,10 +291,16 @@ class Learner:
                     totals[k] = totals.get(k, 0.0) + v
         return totals
 
-    def logprobs(self, input_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+    def logprobs(self, input_ids: list[list[int]], temperature: float = 1.0, base: bool = False) -> list[list[float]]:
         """log p(x_t | x_<t) at ``temperature`` for t >= 1 of unpadded sequences, batched in
-        micro-batches: one list of len(seq) - 1 per sequence."""
-        return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature)[0], drop=1)
+        micro-batches: one list of len(seq) - 1 per sequence. ``base``: with the LoRA adapter
+        disabled, the frozen model under it (PPO's reference at no second model's cost)."""
+        if not base:
+            return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature)[0], drop=1)
+        if self.cfg.lora is None or self.cfg.head != "lm":
+            raise ValueError("logprobs(base=True) disables a LoRA adapter: this learner has none on its LM")
+        with self.module.disable_adapter():
+            return self._per_row(input_ids, lambda fwd: fwd.logprobs(temperature)[0], drop=1)
 
     def entropy(self, input_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """The entropy of the next-token distribution at each position t >= 1 (as ``logprobs``)."""

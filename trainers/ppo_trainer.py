@@ -6,6 +6,12 @@ package does not import ``rollout``), as plain token lists (``Samples``). So doe
 Every per-token column sent to a learner is aligned with ``input_ids`` (entry t belongs to token
 t; see ``trainers.ppo``): a learner's log-probs (one per token from t = 1) get a 0.0 in front.
 
+With ``max_staleness`` 1, step s trains on the rollout of version s - 1 while the workers roll
+out step s + 1 with version s (a driver thread); the sync to s + 1 waits for that rollout to end,
+so no episode mixes two versions. A resumed run samples its first step on-policy (the rollout in
+flight at the checkpoint is not saved): its metrics then differ from an uninterrupted run's; with
+``max_staleness`` 0 they are the same.
+
 The ratio's denominator, ``old_logprobs``, is the actor learners' own log-prob of each sampled
 token before the update, computed once per step, not the log-prob vLLM sampled it with: the two
 engines' kernels differ in precision (more so in bf16), and that gap would read as a policy change
@@ -18,6 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,9 +48,10 @@ class PPOTrainConfig(StrictModel):
     ppo_epochs: int = Field(1, ge=1)
     # Each epoch's rows are shuffled and cut into this many actor (and critic) optimizer steps.
     mini_batches: int = Field(1, ge=1)
-    # Trajectories may come from a policy this many versions behind the learners. Only 0 (strictly
-    # on-policy) for now: rollout does not yet overlap training.
-    max_staleness: int = Field(0, ge=0, le=0)
+    # Trajectories may come from a policy this many versions behind the learners. 0: strictly
+    # on-policy, rollout then training. 1: the next step's rollout runs while this step trains
+    # (one-step off-policy; the PPO ratio corrects for it), the weights synced between rollouts.
+    max_staleness: int = Field(0, ge=0, le=1)
     eval_every: int = Field(50, ge=1)
     eval_limit: int = Field(50, ge=1)  # validation tasks evaluated
     save_every: int = Field(50, ge=1)
@@ -101,7 +109,7 @@ class PPOTrainer(StepTrainer):
     def __init__(
         self,
         actor: LearnerGroup,
-        reference: LearnerGroup,
+        reference: LearnerGroup | None,
         critic: LearnerGroup | None,
         tokenizer,
         cfg: PPOTrainConfig,
@@ -113,7 +121,8 @@ class PPOTrainer(StepTrainer):
         logger: MetricsLogger | None = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
     ):
-        """``sample(step)``: the step's scored trajectories from the rollout workers;
+        """``reference``: a frozen group, or None for the actor's LoRA base (its adapter disabled);
+        ``sample(step)``: the step's scored trajectories from the rollout workers;
         ``sync(version)``: the actor's weights to the workers as ``version``; ``evaluate()``:
         validation metrics of the policy the workers serve."""
         if algorithm.needs_critic != (critic is not None):
@@ -121,19 +130,29 @@ class PPOTrainer(StepTrainer):
         super().__init__(actor, tokenizer, cfg, output_dir, logger, cfg.steps)
         self.reference, self.critic, self.algo = reference, critic, algorithm
         self.temperature, self.sample, self.sync, self.evaluate = temperature, sample, sync, evaluate
+        # With max_staleness 1: the next step's samples, rolled out while this step trained.
+        self._ahead: dict[int, Samples] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
-        samples = self.sample(step)
+        samples = self._ahead.pop(step, None) or self.sample(step)
         check_staleness(samples.versions, step, self.cfg.max_staleness)
+        ahead = None
+        if self.cfg.max_staleness and step + 1 < self.total_steps:
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="ppo-rollout")
+            ahead = self._pool.submit(self.sample, step + 1)
         ids = samples.token_ids
 
         # Forward passes before the update, timed together as "reference": the actor's own
         # log-probs (the ratio's denominator), the reference's, and the critic's values.
         t = time.perf_counter()
         old = token_aligned(per_rank(self.group, "logprobs", ids, self.temperature))
-        ref = token_aligned(per_rank(self.reference, "logprobs", ids, self.temperature))
+        if self.reference is not None:
+            ref = token_aligned(per_rank(self.reference, "logprobs", ids, self.temperature))
+        else:
+            ref = token_aligned(per_rank(self.group, "logprobs", ids, self.temperature, True))
         head_values = per_rank(self.critic, "values", ids) if self.critic else None
         reference_s = time.perf_counter() - t
 
@@ -157,6 +176,11 @@ class PPOTrainer(StepTrainer):
         train_s = time.perf_counter() - t
 
         t = time.perf_counter()
+        if ahead is not None:
+            self._ahead[step + 1] = ahead.result()
+        wait_s = time.perf_counter() - t
+
+        t = time.perf_counter()
         self.sync(step + 1)
         sync_s = time.perf_counter() - t
 
@@ -172,11 +196,14 @@ class PPOTrainer(StepTrainer):
             "policy/vllm_logprob_gap": float(masked_mean((behaviour - batch["old"]).abs(), mask)),
             "policy/advantage": float(masked_mean(advantages, mask)),
             "policy/version": step + 1,
+            "policy/staleness": float(step - min(samples.versions)),
             "train/lr": actor_stats["lr"],
             "batch/action_tokens": tokens,
             "time/reference_s": reference_s,
             "time/train_s": train_s,
             "time/sync_s": sync_s,
+            # With rollout overlapping training: how long the learners waited for it after the update.
+            "time/rollout_wait_s": wait_s,
             "perf/action_tokens_per_s": tokens / (time.perf_counter() - t_step),
         }
         if critic_stats:
