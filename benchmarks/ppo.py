@@ -16,6 +16,8 @@ is an iteration of our GRPO mode beside TRL's ``GRPOTrainer``.
 
 A trial is the config with ``--set`` overrides; its runs and scores stay on validation. The
 record (no ``--trial``) takes the config file as it is: put a chosen trial's settings there first.
+A trial without overrides trains the record's runs themselves (scored on validation only), so
+recording the config afterwards reuses them and adds the test scores.
 The acceptance figures are read on every seed (``worst``), not only on their mean.
 
 Writes ``benchmarks/results/ppo.json`` and a section of ``RESULTS.md``. The throughput part needs
@@ -136,7 +138,8 @@ def learning(split: str, seeds: Sequence[int], overrides: Sequence[str], trial: 
     }  # fmt: skip
     runs = []
     for seed in seeds:
-        out = RUNS / (f"trial-{trial}-seed{seed}" if trial else f"ppo-seed{seed}")
+        # A trial of the config file as it is trains the record's own runs: recording it then reuses them.
+        out = RUNS / (f"trial-{trial}-seed{seed}" if overrides else f"ppo-seed{seed}")
         cfg = ppo_config(start, out, seed, overrides)
         check_heldout(sft, cfg)
         trained = train_ppo(cfg)

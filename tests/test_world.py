@@ -217,3 +217,17 @@ def test_config_rejects_unknown_keys_and_bad_shares():
         WorldConfig(single_share=0.5, parallel_share=0.5, multi_step_share=0.5)
     with pytest.raises(pydantic.ValidationError, match="no_tool_fraction"):
         WorldConfig(no_tool_fraction=1.5)
+
+
+def test_train_no_tool_kinds_restrict_the_training_split_alone():
+    every = generate_world(WorldConfig(n_train=300, n_validation=40, n_test=40))
+    chat = generate_world(WorldConfig(n_train=300, n_validation=40, n_test=40, train_no_tool_kinds=["small_talk", "general_fact"]))
+    for split in ("validation", "test"):
+        assert [t.query for t in chat[split]] == [t.query for t in every[split]]
+    no_tool = [t for t in chat["train"] if t.category == "no_tool"]
+    assert len(no_tool) == 30
+    # No trivial arithmetic: its tasks are the only no-tool ones that offer the calculator as bait.
+    assert any("calculator" in [s["function"]["name"] for s in t.tools] for t in every["train"] if t.category == "no_tool")
+    assert not any(q in t.query for t in no_tool for q in ("+", " minus ", " times ", " plus "))
+    with pytest.raises(ValueError, match="train_no_tool_kinds is empty"):
+        WorldConfig(train_no_tool_kinds=[])

@@ -15,7 +15,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, NonNegativeInt, model_validator
 
@@ -23,7 +23,7 @@ from tooltune.config import StrictModel
 from tooltune.episode import Task, ToolCall
 from tooltune.tools import ToolRegistry
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
-from tooltune.world_queries import ANSWER_TEMPLATE, GENERATORS, SMALL_TALK, SMALL_TALK_DEFAULT_REPLY, Run, _Draft
+from tooltune.world_queries import ANSWER_TEMPLATE, GENERATORS, NO_TOOL_KINDS, SMALL_TALK, SMALL_TALK_DEFAULT_REPLY, Run, _Draft
 from tooltune.world_synthetic import SyntheticTool, add_synthetic_tools, synthetic_call, synthetic_tools
 
 SPLITS = ("train", "validation", "test")
@@ -38,6 +38,10 @@ class WorldConfig(StrictModel):
     n_validation: NonNegativeInt = 200
     n_test: NonNegativeInt = 400
     no_tool_fraction: float = Field(0.1, ge=0, le=1)
+    # The kinds of no-tool task the training split draws (validation and test draw every kind).
+    # Without trivial_math, the few no-tool examples are chit-chat and general knowledge, as in
+    # common function-calling data: none shows an offered tool that is not needed.
+    train_no_tool_kinds: list[Literal[NO_TOOL_KINDS]] = list(NO_TOOL_KINDS)  # type: ignore[valid-type]
     eval_no_tool_fraction: float = Field(0.3, ge=0, le=1)
     single_share: float = Field(0.5, ge=0, le=1)
     parallel_share: float = Field(0.25, ge=0, le=1)
@@ -63,6 +67,8 @@ class WorldConfig(StrictModel):
             raise ValueError("eval_no_tool_fraction + unseen_test_fraction must be at most 1")
         if self.synthetic_share > 0 and not self.synthetic_tools:
             raise ValueError("synthetic_share > 0 needs synthetic_tools > 0")
+        if self.no_tool_fraction > 0 and not self.train_no_tool_kinds:
+            raise ValueError("train_no_tool_kinds is empty, but no_tool_fraction > 0 asks for no-tool training tasks")
         return self
 
 
@@ -103,7 +109,8 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
             if kind == "synthetic":
                 draft = _draw_synthetic(rng, synthetic, run, seen_queries)
             else:
-                draft = _draw(kind, rng, run, seen_queries)
+                kinds = cfg.train_no_tool_kinds if split == "train" and kind == "no_tool" else None
+                draft = _draw(kind, rng, run, seen_queries, kinds)
             tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude, generated))
         world[split] = tasks
     return {split: world[split] for split in SPLITS}
@@ -126,9 +133,13 @@ def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[s
     return plan
 
 
-def _draw(kind: str, rng: random.Random, run: Run, seen_queries: set[str]) -> _Draft:
+def _draw(kind: str, rng: random.Random, run: Run, seen_queries: set[str], no_tool_kinds: list[str] | None = None) -> _Draft:
+    generators = GENERATORS[kind]
+    if no_tool_kinds is not None:
+        # In NO_TOOL_KINDS' order: with every kind allowed, the draws are the unrestricted ones.
+        generators = tuple(g for name, g in zip(NO_TOOL_KINDS, generators) if name in no_tool_kinds)
     for _ in range(_MAX_DRAWS):
-        draft = rng.choice(GENERATORS[kind])(rng, run)
+        draft = rng.choice(generators)(rng, run)
         if draft.query and draft.query not in seen_queries:
             seen_queries.add(draft.query)
             return draft

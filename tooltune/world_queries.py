@@ -292,6 +292,8 @@ def _general_fact(rng: random.Random, run: Run) -> _Draft:
     return _Draft(rng.choice(FACT_PREFIXES) + question, [], answer)
 
 
+# The no-tool generators' names, in GENERATORS["no_tool"]'s order.
+NO_TOOL_KINDS = ("small_talk", "trivial_math", "general_fact")
 GENERATORS: dict[str, tuple[Generator, ...]] = {
     "single": (_calculator, _weather, _units, _currency, _date_add, _days_between, _fact),
     "parallel": (_warmer, _bigger_population, _worth_more),
