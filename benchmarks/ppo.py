@@ -5,9 +5,9 @@ is an iteration of our GRPO mode beside TRL's ``GRPOTrainer``.
     python -m benchmarks.ppo [--seeds 0 1 2]         # the config: every seed trained, test scored once
     python -m benchmarks.ppo --part throughput       # our GRPO vs TRL's, samples per second
 
-1. The starting point: ``configs/tiny/sft-overcall.yaml`` (SFT with a quarter of a percent of
-   no-tool examples: it over-calls), trained here or taken from ``--sft-run DIR`` (a finished run
-   of that config, checked key by key).
+1. The starting point: ``configs/tiny/sft-overcall.yaml`` (SFT whose few no-tool examples are
+   chit-chat and general knowledge: it over-calls), trained here or taken from ``--sft-run DIR``
+   (a finished run of that config, checked key by key).
 2. PPO from it: ``configs/tiny/ppo-overcall.yaml`` once per seed (``train.seed`` and the sampling
    seed), each run resumed or reused when its directory holds the same config.
 3. Scores: the SFT start and every seed's final policy on the held-out split of the SFT world,
@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.common import machine_info, write_result
 from benchmarks.sft import run_changes, score
 from benchmarks.sft import train as train_sft
-from ray_jobs.ppo import RUN_INDEPENDENT_KEYS, PPOConfig, run_ppo
+from ray_jobs.ppo import RUN_INDEPENDENT_KEYS, PPOConfig, run_ppo, train_prompts
 from ray_jobs.sft import SFTConfig, saved_config_changes
 from tooltune.config import ConfigError, load_config
 from tooltune.provenance import provenance
@@ -83,12 +83,16 @@ def ppo_config(checkpoint: str, out: Path, seed: int, overrides: Sequence[str] =
 
 
 def check_heldout(sft: SFTConfig, ppo: PPOConfig) -> None:
-    """The PPO world's held-out splits must be the SFT world's: the start and the result are
-    scored on the same tasks, and no PPO prompt was held out from SFT."""
+    """The PPO world's held-out splits must be the SFT world's (the start and the result are
+    scored on the same tasks), and no PPO training prompt may be a scored query."""
     a, b = generate_world(sft.data.world), generate_world(ppo.world)
     for split in ("validation", "test"):
         if [t.query for t in a[split]] != [t.query for t in b[split]]:
             raise SystemExit(f"error: {PPO_CONFIG}: world.{split} differs from {SFT_CONFIG}'s: keep the seed and split sizes")
+    scored = {t.query for split in ("validation", "test") for t in a[split] + contrast_settings(sft, split).tasks()}
+    shared = scored & {t.query for t in train_prompts(ppo, b)[0]}
+    if shared:
+        raise SystemExit(f"error: {len(shared)} PPO training prompts are scored queries, e.g. {sorted(shared)[:3]}")
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:
@@ -120,11 +124,13 @@ def headline(scored: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def contrast_settings(sft: SFTConfig, split: str) -> ContrastSettings:
+    """The contrastive pairs scored on ``split``, with the tools the SFT world offers."""
+    return ContrastSettings(pairs_per_form=CONTRAST_PER_FORM[split], seed=HELDOUT_SEEDS[split], distractor_tools=sft.data.world.distractor_tools)
+
+
 def scored_policy(sft: SFTConfig, model: str, split: str, eval_dir: Path, label: str) -> dict[str, Any]:
-    contrast = ContrastSettings(
-        pairs_per_form=CONTRAST_PER_FORM[split], seed=HELDOUT_SEEDS[split], distractor_tools=sft.data.world.distractor_tools
-    )
-    return headline(score(sft, model, split, None, eval_dir, label, contrast))
+    return headline(score(sft, model, split, None, eval_dir, label, contrast_settings(sft, split)))
 
 
 def learning(split: str, seeds: Sequence[int], overrides: Sequence[str], trial: str | None, sft_run: Path | None) -> dict[str, Any]:
@@ -248,19 +254,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    path = RESULTS / "ppo.json"
-    new: dict[str, Any] = {}
     if args.part in ("learning", "all"):
         split = "validation" if args.trial else "test"
-        new["learning"] = learning(split, args.seeds, args.set, args.trial, args.sft_run)
+        record(args.trial or "learning", learning(split, args.seeds, args.set, args.trial, args.sft_run), trial=bool(args.trial))
     if args.part in ("throughput", "all"):
-        new["throughput"] = throughput(args) | {"provenance": provenance(None, [], None, machine_info()["machine"])}
-    # Read again after the runs (hours): only this command's parts are replaced.
+        record("throughput", throughput(args) | {"provenance": provenance(None, [], None, machine_info()["machine"])})
+
+
+def record(key: str, part: dict[str, Any], trial: bool = False) -> None:
+    """Write one part (as soon as it is done: a later part's failure loses nothing). The file is
+    read again first: only this part is replaced."""
+    path = RESULTS / "ppo.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     trials = results.get("trials", {})
-    if args.trial:
-        trials[args.trial] = new.pop("learning")
-    results |= new
+    if trial:
+        trials[key] = part
+    else:
+        results[key] = part
     results["trials"] = trials
     flat = results.get("learning", {})
     results |= {k: flat.get(k) for k in ("sft", "after", "accuracy_drop_points", "contrastive_trivial_direct", "contrastive_large_called", "steps", "wall_seconds")}

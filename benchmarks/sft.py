@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, write_result
-from ray_jobs.evaluate import ContrastSettings, run_evaluation
+from ray_jobs.evaluate import ContrastSettings, EvalConfig, run_evaluation
 from ray_jobs.sft import SFTConfig, evaluation_config, run_sft, saved_config_changes
-from tooltune.config import ConfigError, config_changes, load_config
+from tooltune.config import ConfigError, load_config
 from tooltune.episode import Episode
 from tooltune.metrics import metric_intervals, miss_breakdown, pair_episodes
 from tooltune.provenance import provenance
@@ -80,9 +80,7 @@ def score(
     if contrast is not None:
         cfg = cfg.model_copy(update={"contrast": contrast})
     previous = eval_dir / "metrics.json"
-    old, new = json.loads(previous.read_text())["config"] if previous.exists() else None, cfg.model_dump(mode="json")
-    # A setting added to the evaluation since that score (at its default) does not make it another score.
-    same = old is not None and not config_changes(old, new, added_ok=True) and old.get("contrast", ContrastSettings().model_dump(mode="json")) == new["contrast"]
+    same = previous.exists() and _same_evaluation(json.loads(previous.read_text())["config"], cfg)
     if previous.exists() and not same and split == "test":
         raise SystemExit(
             f"error: {eval_dir} already holds a test score of this run, under another evaluation config: "
@@ -109,6 +107,17 @@ def score(
     if contrast is not None:
         result["contrast"] = json.loads(previous.read_text())["contrast"]
     return result
+
+
+def _same_evaluation(saved: dict[str, Any], cfg: EvalConfig) -> bool:
+    """Whether a saved score's evaluation config is ``cfg``: a setting added to the evaluation
+    since that score counts at its default (read back through the config class), never as a match
+    whatever its value."""
+    try:
+        filled = EvalConfig.model_validate(saved)
+    except ValueError:
+        return False
+    return filled.model_dump(mode="json") == cfg.model_dump(mode="json")
 
 
 def training_summary(trained: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from tooltune.models import TinyModelConfig, resolve_model
 from tooltune.provenance import provenance
 from tooltune.weights import WeightSyncConfig
 from tooltune.world import WorldConfig
-from tooltune.world_contrast import HELDOUT_SEEDS, ContrastSettings
+from tooltune.world_contrast import HELDOUT_SEEDS, HELDOUT_TRIVIAL_QUERIES, ContrastSettings
 from trainers.learner import LearnerConfig
 from trainers.ppo import PPOAlgorithmConfig
 from trainers.ppo_trainer import PPOTrainConfig, Samples
@@ -148,6 +148,8 @@ class PPOConfig(StrictModel):
                 f"contrast_prompts.seed {self.contrast_prompts.seed} draws the held-out pairs "
                 f"({', '.join(f'{k}: {v}' for k, v in HELDOUT_SEEDS.items())}): train on another seed"
             )
+        if self.eval_contrast.pairs_per_form and self.eval_contrast.seed == HELDOUT_SEEDS["test"]:
+            raise ValueError(f"eval_contrast.seed {self.eval_contrast.seed} draws the test pairs: validation during training uses another seed")
         rows = self.train.prompts_per_step * self.loop.samples_per_task
         trained = {"actor": self.actor} | ({"critic": self.critic} if self.algorithm.needs_critic else {})
         for name, lc in trained.items():
@@ -167,6 +169,17 @@ def step_tasks(tasks: list[Task], count: int, step: int, seed: int) -> list[Task
     from trainers.packing import global_batch_indices
 
     return [tasks[i] for i in global_batch_indices(len(tasks), count, step, seed)]
+
+
+def train_prompts(cfg: PPOConfig, splits: dict[str, list[Task]]) -> tuple[list[Task], int]:
+    """The training prompts: the world's training split and ``contrast_prompts``' pairs, less any
+    whose query is held out (a validation or test query of the world, or a held-out contrastive
+    trivial query: the small-operand space is small enough for draws to coincide). Returns the
+    prompts and how many were dropped."""
+    held = {t.query for split in ("validation", "test") for t in splits[split]} | HELDOUT_TRIVIAL_QUERIES
+    candidates = splits["train"] + cfg.contrast_prompts.tasks()
+    kept = [t for t in candidates if t.query not in held]
+    return kept, len(candidates) - len(kept)
 
 
 def fitting_tasks(tasks: list[Task], tokenizer, loop: LoopConfig) -> list[Task]:
@@ -349,7 +362,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     if needs_tool_template(tokenizer):
         install_tool_template(tokenizer)
     splits = generate_world(cfg.world)
-    candidates = splits["train"] + cfg.contrast_prompts.tasks()
+    candidates, held_out = train_prompts(cfg, splits)
     train_tasks = fitting_tasks(candidates, tokenizer, cfg.loop)
     if not train_tasks:
         raise ValueError(
@@ -387,6 +400,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
         "base_model": model_dir,
         "train_prompts": len(train_tasks),
         "train_prompts_too_long": len(candidates) - len(train_tasks),
+        "train_prompts_held_out": held_out,
         "checkpoint": str(final / "model") if final else None,
         "steps": trainer.total_steps,
         "completed_steps": history[-1]["step"] if history else 0,

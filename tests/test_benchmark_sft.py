@@ -59,3 +59,17 @@ def test_repeated_set_flags_all_count():
 
     args = parse_args(["--tier", "smol", "--trial", "t", "--set", "a=1", "b=2", "--set", "c=3"])
     assert args.set == ["a=1", "b=2", "c=3"]
+
+
+def test_a_saved_score_matches_only_its_own_evaluation_config():
+    from benchmarks.sft import _same_evaluation
+    from ray_jobs.evaluate import EvalConfig
+    from tooltune.world_contrast import ContrastSettings
+
+    cfg = EvalConfig(model="m", splits=["test"])
+    saved = cfg.model_dump(mode="json")
+    del saved["contrast"]  # scored before the evaluation had contrastive pairs
+    assert _same_evaluation(saved, cfg)
+    # A setting added since counts at its default: asking for pairs is another score.
+    assert not _same_evaluation(saved, cfg.model_copy(update={"contrast": ContrastSettings(pairs_per_form=2)}))
+    assert not _same_evaluation(saved | {"gone": 1}, cfg)  # a key the evaluation no longer has

@@ -55,6 +55,20 @@ def test_step_prompts_are_a_pure_function_of_step_and_seed():
     assert ids[0] != [t.id for t in step_tasks(tasks, 4, 0, seed=1)]
 
 
+def test_training_prompts_leave_out_every_held_out_query():
+    from ray_jobs.ppo import train_prompts
+    from tooltune.world import WorldConfig, generate_world
+    from tooltune.world_contrast import HELDOUT_TRIVIAL_QUERIES
+
+    world = WorldConfig(seed=0, n_train=400, n_validation=60, n_test=60, no_tool_fraction=0.5, distractor_tools=0)
+    cfg = load_config(CONFIG, PPOConfig, ["contrast_prompts={pairs_per_form: 40, seed: 2}", f"world={world.model_dump_json()}"])
+    splits = generate_world(cfg.world)
+    kept, dropped = train_prompts(cfg, splits)
+    held = {t.query for split in ("validation", "test") for t in splits[split]} | HELDOUT_TRIVIAL_QUERIES
+    assert dropped > 0 and len(kept) + dropped == len(splits["train"]) + 2 * 40 * 6
+    assert not {t.query for t in kept} & held
+
+
 def test_config_checks_rows_sampling_and_reward_model():
     from pydantic import ValidationError
 

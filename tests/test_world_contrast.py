@@ -57,3 +57,13 @@ def test_decisions_by_hand():
         "contrastive_trivial_direct": 0.5, "contrastive_trivial_answered": 0.5,
         "contrastive_large_called": 0.5, "contrastive_large_answered": 0.5,
     }  # fmt: skip
+
+
+def test_held_out_and_training_pairs_never_share_a_small_operand_query():
+    from tooltune.world_contrast import HELDOUT_SEEDS, HELDOUT_TRIVIAL_QUERIES, ContrastSettings
+
+    # 546 small-operand queries in all (6 phrasings, 0 <= b <= a <= 12); about a quarter held out.
+    assert 90 < len(HELDOUT_TRIVIAL_QUERIES) < 180
+    held = {t.query for seed in HELDOUT_SEEDS.values() for t in ContrastSettings(pairs_per_form=30, seed=seed).tasks() if not t.needs_tool}
+    trained = {t.query for seed in (2, 3) for t in ContrastSettings(pairs_per_form=30, seed=seed).tasks() if not t.needs_tool}
+    assert held <= HELDOUT_TRIVIAL_QUERIES and not trained & HELDOUT_TRIVIAL_QUERIES

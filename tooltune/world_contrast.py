@@ -8,12 +8,16 @@ needed: answer directly) and with large ones (the calculator is needed: one exac
 phrasing appears equally often, so the two halves have the same proportions of phrasings.
 
 The set is its own seeded stream, apart from the world's splits: adding it changes no split.
-Small-operand queries come from a space of ~1,000 and can coincide with training queries; what is
-measured on them is the decision, which training on the same phrasing is exactly what can bias.
+Small-operand queries come from a space of 546 (6 phrasings, 0 <= b <= a <= 12): seeds alone
+would make held-out and training pairs coincide. So a quarter of that space, fixed by content
+(``heldout_operands``), is held out: pairs of a held-out seed (``HELDOUT_SEEDS``) draw from it
+alone, pairs of any other seed never do, and ``HELDOUT_TRIVIAL_QUERIES`` lets a trainer drop
+such queries from its own prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -29,6 +33,16 @@ from tooltune.world_queries import TRIVIAL_FORMS, apply_operator
 
 # The pairs' seeds held out for scoring: training prompts must come from other seeds.
 HELDOUT_SEEDS = {"test": 0, "validation": 1}
+
+
+def heldout_operands(form: str, a: int, b: int) -> bool:
+    """Whether a small-operand query belongs to the held-out quarter (a stable hash of it)."""
+    return int(hashlib.sha256(f"{form}|{a}|{b}".encode()).hexdigest(), 16) % 4 == 0
+
+
+HELDOUT_TRIVIAL_QUERIES = frozenset(
+    form.format(a=a, b=b) for form, _ in TRIVIAL_FORMS for a in range(13) for b in range(a + 1) if heldout_operands(form, a, b)
+)
 
 
 class ContrastSettings(StrictModel):
@@ -53,8 +67,10 @@ class ContrastPair:
 
 def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1, registry: ToolRegistry | None = None) -> list[ContrastPair]:
     """``n_per_form`` pairs for each phrasing, in a seeded order; both tasks of a pair offer the
-    calculator and the same ``distractor_tools`` other built-in tools, in the same order."""
+    calculator and the same ``distractor_tools`` other built-in tools, in the same order. The
+    small operands come from the held-out quarter for a held-out seed, from the rest otherwise."""
     registry = registry or builtin_registry()
+    held = seed in HELDOUT_SEEDS.values()
     rng = random.Random(f"tooltune-contrast:{seed}")
     pool = [n for n in registry.names() if n != "calculator" and n not in UNSEEN_TOOLS]
     plan = [form for form in TRIVIAL_FORMS for _ in range(n_per_form)]
@@ -65,6 +81,8 @@ def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1,
         rng.shuffle(tools)
         schemas = registry.schemas(tools)
         a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
+        while heldout_operands(form, a, b) != held:
+            a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
         trivial = Task(id=f"contrast-{i:04d}-trivial", query=form.format(a=a, b=b), tools=schemas, expected_calls=[],
                        expected_answer=str(apply_operator(op, a, b)), category="no_tool")  # fmt: skip
         a, b = rng.randint(10_000, 99_999), rng.randint(100, 9_999)

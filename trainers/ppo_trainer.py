@@ -8,9 +8,13 @@ t; see ``trainers.ppo``): a learner's log-probs (one per token from t = 1) get a
 
 With ``max_staleness`` 1, step s trains on the rollout of version s - 1 while the workers roll
 out step s + 1 with version s (a driver thread); the sync to s + 1 waits for that rollout to end,
-so no episode mixes two versions. A resumed run samples its first step on-policy (the rollout in
-flight at the checkpoint is not saved): its metrics then differ from an uninterrupted run's; with
-``max_staleness`` 0 they are the same.
+so no episode mixes two versions. The ratio is taken against the learners' log-probs at version s
+(as below), so the one version between the sampler and them is not reweighted: the usual
+one-step off-policy approximation, fine while a step moves the policy little
+(``policy/vllm_logprob_gap`` then holds that step's change besides the engines' precision gap). A
+resumed run samples its first step on-policy (the rollout in flight at the checkpoint is not
+saved): its metrics then differ from an uninterrupted run's; with ``max_staleness`` 0 they are
+the same.
 
 The ratio's denominator, ``old_logprobs``, is the actor learners' own log-prob of each sampled
 token before the update, computed once per step, not the log-prob vLLM sampled it with: the two
@@ -24,7 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,7 +54,7 @@ class PPOTrainConfig(StrictModel):
     mini_batches: int = Field(1, ge=1)
     # Trajectories may come from a policy this many versions behind the learners. 0: strictly
     # on-policy, rollout then training. 1: the next step's rollout runs while this step trains
-    # (one-step off-policy; the PPO ratio corrects for it), the weights synced between rollouts.
+    # (one-step off-policy), the weights synced between rollouts.
     max_staleness: int = Field(0, ge=0, le=1)
     eval_every: int = Field(50, ge=1)
     eval_limit: int = Field(50, ge=1)  # validation tasks evaluated
@@ -133,6 +137,16 @@ class PPOTrainer(StepTrainer):
         # With max_staleness 1: the next step's samples, rolled out while this step trained.
         self._ahead: dict[int, Samples] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._last = cfg.steps  # the last step this fit runs to (fit sets it)
+
+    def fit(self, resume: bool = True, stop_after: int | None = None, on_step=None) -> list[dict]:
+        self._last = min(self.total_steps, stop_after) if stop_after else self.total_steps
+        try:
+            return super().fit(resume=resume, stop_after=stop_after, on_step=on_step)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -140,9 +154,19 @@ class PPOTrainer(StepTrainer):
         samples = self._ahead.pop(step, None) or self.sample(step)
         check_staleness(samples.versions, step, self.cfg.max_staleness)
         ahead = None
-        if self.cfg.max_staleness and step + 1 < self.total_steps:
+        if self.cfg.max_staleness and step + 1 < self._last:
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="ppo-rollout")
             ahead = self._pool.submit(self.sample, step + 1)
+        try:
+            return self._train_on(step, samples, ahead, t_step)
+        except BaseException:
+            if ahead is not None:
+                # Let the rollout in flight end before the caller tears the workers down.
+                ahead.cancel()
+                wait([ahead])
+            raise
+
+    def _train_on(self, step: int, samples: Samples, ahead: Future | None, t_step: float) -> dict[str, float]:
         ids = samples.token_ids
 
         # Forward passes before the update, timed together as "reference": the actor's own
