@@ -76,6 +76,11 @@ class RewardSettings(StrictModel):
         return self
 
 
+class ValidationContrast(ContrastSettings):
+    # A class default, not an instance's: a config that sets only pairs_per_form keeps this seed.
+    seed: int = HELDOUT_SEEDS["validation"]
+
+
 class PPOConfig(StrictModel):
     model: str = Field("tiny", description="the starting policy: a checkpoint or run directory, 'smollm2', or 'tiny'")
     tiny: TinyModelConfig = TinyModelConfig()
@@ -98,7 +103,7 @@ class PPOConfig(StrictModel):
     # the operands, not from the phrasing. Its seed must not be one the evaluation holds out.
     contrast_prompts: ContrastSettings = ContrastSettings()
     # Pairs scored with the validation tasks every ``train.eval_every`` steps (the validation seed's).
-    eval_contrast: ContrastSettings = ContrastSettings(seed=HELDOUT_SEEDS["validation"])
+    eval_contrast: ValidationContrast = ValidationContrast()
     # samples_per_task is k, the samples per prompt. The learners' log-probs apply the temperature
     # alone: top-p and top-k would make the behaviour policy another distribution.
     loop: LoopConfig = LoopConfig(samples_per_task=2)

@@ -345,3 +345,28 @@ def test_compute_advantages_routes_to_the_configured_estimator():
         compute_advantages(PPOAlgorithmConfig(estimator="rloo"), rewards, mask)
     adv, ret = compute_advantages(PPOAlgorithmConfig(estimator="rloo"), REWARDS, MASK, group_ids=GROUPS)
     assert ret is None and torch.equal(adv, rloo_advantages(REWARDS, GROUPS, MASK))
+
+
+def test_without_old_logprobs_the_pass_is_its_own_denominator():
+    # The same rows as above, on-policy: leaving old_logprobs out gives the same loss, gradient
+    # and stats as passing the pass's own log-probs; the sampler's log-probs -1.5, -2 | -2 differ
+    # from this pass's -1, -2 | -2.5 by 0.5, 0 | 0.5: behaviour_gap_sum 1.0.
+    batch = {
+        "action_mask": T([[0, 0, 1, 1], [0, 1, 0, 0]]),
+        "ref_logprobs": T([[0, 0, -2, -2], [0, -0.5, 0, 0]]),
+        "advantages": T([[0, 0, 1, 1], [0, 2, 0, 0]]),
+        "behaviour_logprobs": T([[0, 0, -1.5, -2], [0, -2, 0, 0]]),
+    }
+    runs = []
+    for old in (None, T([[0, 0, -1, -2], [0, -2.5, 0, 0]])):
+        logp = T([[-5, -1, -2], [-2.5, -1000, -1000]]).requires_grad_()
+        fwd = Outputs(logp, entropy=T([[9, 0.5, 0.7], [0.3, 9, 9]]))
+        total, stats = ppo_policy_loss(fwd, batch | ({"old_logprobs": old} if old is not None else {}), kl_coef=0.5, kl_kind="k2")
+        total.backward()
+        runs.append((total.item(), logp.grad.clone(), stats))
+    (fused, grad_fused, stats_fused), (given, grad_given, stats_given) = runs
+    assert fused == pytest.approx(given) and torch.allclose(grad_fused, grad_given)
+    assert stats_fused == pytest.approx(stats_given)
+    assert stats_fused["ratio_sum"] == stats_fused["tokens"] == 3.0 and stats_fused["behaviour_gap_sum"] == pytest.approx(1.0)
+    # The KL stat is kept without a KL term in the loss.
+    assert ppo_policy_loss(Outputs(T([[-5, -1, -2], [-2.5, -1000, -1000]]), entropy=T([[0] * 3] * 2)), batch, kl_kind="k2")[1]["kl_sum"] == pytest.approx(2.5)

@@ -191,24 +191,33 @@ def ppo_policy_loss(
     (and ``ref_logprobs`` when ``kl_coef`` > 0: the KL to the reference as a loss term, estimated
     by ``kl_kind``); log-probs taken at the sampling temperature. Every term is aggregated by
     ``loss_agg`` (see ``aggregate`` for the denominator that goes with it); the stats stay sums
-    over tokens: ``entropy_sum``, ``kl_sum``, ``approx_kl_sum`` (see ``approx_kl``), ``loss_sum``."""
+    over tokens: ``entropy_sum``, ``kl_sum`` (whenever ``ref_logprobs`` is given), ``approx_kl_sum``
+    (see ``approx_kl``), ``loss_sum``.
+
+    Without ``old_logprobs``, this pass is the first on the weights that sampled: its own detached
+    log-probs are the ratio's denominator (the ratio is 1), so no pass of their own is needed. A
+    ``behaviour_logprobs`` column (the sampler's) then gives ``behaviour_gap_sum``, the summed
+    absolute gap between the sampler's log-probs and this pass's."""
     # The entropy comes from the same pass over the vocabulary as the log-probs (a stat even
     # without a bonus; unused, it adds nothing to the backward pass).
     logp, entropy = fwd.logprobs(temperature, entropy=True)
     mask = batch["action_mask"][:, 1:].to(logp.dtype)
-    old = batch["old_logprobs"][:, 1:].float()
+    old = batch["old_logprobs"][:, 1:].float() if "old_logprobs" in batch else logp.detach()
     total, stats = clipped_policy_loss(logp, old, batch["advantages"][:, 1:].float(), mask, clip_eps, dual_clip, loss_agg)
     stats["approx_kl_sum"] = float(approx_kl(logp.detach(), old, mask))
     stats["entropy_sum"] = float(aggregate(entropy.detach(), mask)[0])
     if entropy_coef > 0:
         total = total - entropy_coef * aggregate(entropy, mask, loss_agg)[0]
-    if kl_coef > 0:
+    if "ref_logprobs" in batch:
         # Padded columns hold reference log-prob 0: exp(0 - logp) can overflow there, and
         # inf * 0 is NaN (in the backward pass too), so they compare the policy with itself.
         ref = torch.where(mask.bool(), batch["ref_logprobs"][:, 1:].float(), logp.detach())
         kl = kl_estimate(logp, ref, kl_kind)
-        total = total + kl_coef * aggregate(kl, mask, loss_agg)[0]
+        if kl_coef > 0:
+            total = total + kl_coef * aggregate(kl, mask, loss_agg)[0]
         stats["kl_sum"] = float(aggregate(kl.detach(), mask)[0])
+    if "behaviour_logprobs" in batch:
+        stats["behaviour_gap_sum"] = float(aggregate((batch["behaviour_logprobs"][:, 1:].float() - logp.detach()).abs(), mask)[0])
     stats["loss_sum"] = float(total.detach())
     return total, stats
 

@@ -20,7 +20,8 @@ The ratio's denominator, ``old_logprobs``, is the actor learners' own log-prob o
 token before the update, computed once per step, not the log-prob vLLM sampled it with: the two
 engines' kernels differ in precision (more so in bf16), and that gap would read as a policy change
 in the ratio, in the clip fraction and in the approximate KL. The gap is logged as
-``policy/vllm_logprob_gap``.
+``policy/vllm_logprob_gap``. With one on-policy update per step (``fused_old``) that pass is
+the training pass itself: its detached log-probs are the denominator, no pass of their own.
 """
 
 from __future__ import annotations
@@ -138,6 +139,13 @@ class PPOTrainer(StepTrainer):
         self._ahead: dict[int, Samples] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._last = cfg.steps  # the last step this fit runs to (fit sets it)
+        # One on-policy update per step (one epoch, one mini-batch, nothing stale) and no KL in the
+        # reward: the training pass runs on the weights that sampled, so its own log-probs are the
+        # ratio's denominator and no pass of their own is needed (TRL's way with one update per
+        # generation); the KL to the reference and the engines' gap are read off that pass.
+        self.fused_old = (
+            cfg.ppo_epochs * cfg.mini_batches == 1 and cfg.max_staleness == 0 and not (algorithm.kl_in_reward and algorithm.kl_coef > 0)
+        )
 
     def fit(self, resume: bool = True, stop_after: int | None = None, on_step=None) -> list[dict]:
         self._last = min(self.total_steps, stop_after) if stop_after else self.total_steps
@@ -172,7 +180,7 @@ class PPOTrainer(StepTrainer):
         # Forward passes before the update, timed together as "reference": the actor's own
         # log-probs (the ratio's denominator), the reference's, and the critic's values.
         t = time.perf_counter()
-        old = token_aligned(per_rank(self.group, "logprobs", ids, self.temperature))
+        old = None if self.fused_old else token_aligned(per_rank(self.group, "logprobs", ids, self.temperature))
         if self.reference is not None:
             ref = token_aligned(per_rank(self.reference, "logprobs", ids, self.temperature))
         else:
@@ -180,18 +188,18 @@ class PPOTrainer(StepTrainer):
         head_values = per_rank(self.critic, "values", ids) if self.critic else None
         reference_s = time.perf_counter() - t
 
-        batch = pad_columns({"input_ids": ids, "action_mask": samples.action_mask, "old": old, "ref": ref})
+        batch = pad_columns({"input_ids": ids, "action_mask": samples.action_mask, "ref": ref} | ({"old": old} if old is not None else {}))
         mask = batch["action_mask"]
         values = token_values(pad_columns({"input_ids": ids, "v": head_values})["v"]) if head_values else None
         advantages, returns = compute_advantages(
-            self.algo, torch.tensor(samples.rewards), mask, old_logp=batch["old"], ref_logp=batch["ref"],
+            self.algo, torch.tensor(samples.rewards), mask, old_logp=batch.get("old"), ref_logp=batch["ref"],
             values=values, group_ids=samples.group_ids,
         )
         lengths = [len(row) for row in ids]
         columns = {
-            "input_ids": ids, "action_mask": samples.action_mask, "old_logprobs": old, "ref_logprobs": ref,
-            "advantages": _unpad(advantages, lengths),
+            "input_ids": ids, "action_mask": samples.action_mask, "ref_logprobs": ref, "advantages": _unpad(advantages, lengths),
         }  # fmt: skip
+        columns |= {"old_logprobs": old} if old is not None else {"behaviour_logprobs": samples.logprobs}
         if head_values:
             columns |= {"returns": _unpad(returns, lengths), "old_values": head_values}
 
@@ -209,15 +217,20 @@ class PPOTrainer(StepTrainer):
         sync_s = time.perf_counter() - t
 
         tokens = float(mask.sum())
-        behaviour = pad_columns({"input_ids": ids, "lp": samples.logprobs})["lp"]
+        if old is not None:
+            behaviour = pad_columns({"input_ids": ids, "lp": samples.logprobs})["lp"]
+            kl_ref = float(masked_mean(kl_estimate(batch["old"], batch["ref"], self.algo.kl_kind), mask))
+            gap = float(masked_mean((behaviour - batch["old"]).abs(), mask))
+        else:  # the one training pass measured both (on the sampling weights)
+            kl_ref, gap = actor_stats["kl_sum"] / actor_stats["tokens"], actor_stats["behaviour_gap_sum"] / actor_stats["tokens"]
         metrics = dict(samples.metrics) | {
             "train/loss": actor_stats["loss_sum"] / updates,
-            "policy/kl_ref": float(masked_mean(kl_estimate(batch["old"], batch["ref"], self.algo.kl_kind), mask)),
+            "policy/kl_ref": kl_ref,
             "policy/entropy": actor_stats["entropy_sum"] / actor_stats["tokens"],
             "policy/clip_fraction": actor_stats["clipped"] / actor_stats["tokens"],
             "policy/approx_kl": actor_stats["approx_kl_sum"] / actor_stats["tokens"],
             "policy/ratio": actor_stats["ratio_sum"] / actor_stats["tokens"],
-            "policy/vllm_logprob_gap": float(masked_mean((behaviour - batch["old"]).abs(), mask)),
+            "policy/vllm_logprob_gap": gap,
             "policy/advantage": float(masked_mean(advantages, mask)),
             "policy/version": step + 1,
             "policy/staleness": float(step - min(samples.versions)),
