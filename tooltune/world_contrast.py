@@ -5,7 +5,9 @@ operands up to 12. A model can learn "this phrasing means answer directly" and t
 "What is 48213 * 977?" directly, and wrongly. Each contrastive pair holds one phrasing of
 ``world_queries.TRIVIAL_FORMS`` twice, with the same tools offered: with small operands (no tool
 needed: answer directly) and with large ones (the calculator is needed: one exact call). Every
-phrasing appears equally often, so the two halves have the same proportions of phrasings.
+phrasing appears equally often, so the two halves have the same proportions of phrasings. The
+large operands are the tool world's own calculator operands (100-9,999 and 10-999): what is
+measured is the decision, not the copying of numbers longer than any the world trains on.
 
 The set is its own seeded stream, apart from the world's splits: adding it changes no split.
 Small-operand queries come from a space of 546 (6 phrasings, 0 <= b <= a <= 12): seeds alone
@@ -85,7 +87,7 @@ def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1,
             a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
         trivial = Task(id=f"contrast-{i:04d}-trivial", query=form.format(a=a, b=b), tools=schemas, expected_calls=[],
                        expected_answer=str(apply_operator(op, a, b)), category="no_tool")  # fmt: skip
-        a, b = rng.randint(10_000, 99_999), rng.randint(100, 9_999)
+        a, b = rng.randint(100, 9_999), rng.randint(10, 999)
         call = ToolCall("calculator", {"expression": f"{a} {op} {b}"})
         result = registry.execute(call, timeout_s=None)
         if result.error is not None:
