@@ -18,7 +18,8 @@ def job_class(name: str):
     from ray_jobs.smoke import SmokeConfig
 
     jobs = {"smoke": SmokeConfig, "sft": SFTConfig, "evaluate": EvalConfig}
-    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig})[name]
+    # A variant names its job before a dash: sft-overcall.yaml is an SFT config.
+    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig})[name.split("-")[0]]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
