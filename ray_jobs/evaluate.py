@@ -86,15 +86,14 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     from rollout.vllm_worker import RolloutWorker
     from tooltune.bfcl import bfcl_summary, load_bfcl
     from tooltune.metrics import compute_metrics
-    from tooltune.world_contrast import contrastive_decisions, contrastive_pairs
+    from tooltune.world_contrast import contrastive_decisions
 
     t0 = time.time()
     model_dir = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     world, data_errors = world_tasks(cfg)
-    c = cfg.contrast
-    pairs = contrastive_pairs(c.pairs_per_form, c.seed, c.distractor_tools) if c.pairs_per_form else []
-    contrast_tasks = [task for pair in pairs for task in (pair.trivial, pair.large)]
+    pairs = cfg.contrast.pairs()
+    contrast_tasks = cfg.contrast.tasks(pairs)
     bfcl_items = load_bfcl(cfg.bfcl.categories, cfg.bfcl.limit_per_category) if cfg.bfcl.limit_per_category else []
     timing: dict[str, float] = {}
 

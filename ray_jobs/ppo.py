@@ -327,12 +327,11 @@ def evaluate_workers(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer,
     """Tool-world metrics of the policy the workers serve, greedy, on the validation tasks (and
     the decisions on ``cfg.eval_contrast``'s pairs)."""
     from tooltune.metrics import compute_metrics
-    from tooltune.world_contrast import contrastive_decisions, contrastive_pairs
+    from tooltune.world_contrast import contrastive_decisions
     from trainers.sft import tool_eval_scalars
 
-    c = cfg.eval_contrast
-    pairs = contrastive_pairs(c.pairs_per_form, c.seed, c.distractor_tools) if c.pairs_per_form else []
-    contrast = [task for pair in pairs for task in (pair.trivial, pair.large)]
+    pairs = cfg.eval_contrast.pairs()
+    contrast = cfg.eval_contrast.tasks(pairs)
     greedy = cfg.loop.sampling.model_copy(update={"temperature": 0.0})
     loop = cfg.loop.model_copy(update={"samples_per_task": 1, "sampling": greedy})
     runs = run_episodes(tasks + contrast, roles.workers, tokenizer, loop, registry)

@@ -55,10 +55,12 @@ class ContrastSettings(StrictModel):
     seed: int = 0
     distractor_tools: int = Field(1, ge=0)  # other built-in tools offered beside the calculator
 
-    def tasks(self) -> list[Task]:
-        """Both halves of every pair, pair by pair (none when ``pairs_per_form`` is 0)."""
-        pairs = contrastive_pairs(self.pairs_per_form, self.seed, self.distractor_tools) if self.pairs_per_form else []
-        return [task for pair in pairs for task in (pair.trivial, pair.large)]
+    def pairs(self) -> list[ContrastPair]:
+        return contrastive_pairs(self.pairs_per_form, self.seed, self.distractor_tools) if self.pairs_per_form else []
+
+    def tasks(self, pairs: list[ContrastPair] | None = None) -> list[Task]:
+        """Both halves of every pair (of ``pairs``, or this set's), pair by pair."""
+        return [task for pair in (self.pairs() if pairs is None else pairs) for task in (pair.trivial, pair.large)]
 
 
 @dataclass(frozen=True)
