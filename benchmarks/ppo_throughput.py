@@ -22,11 +22,11 @@ A sample is one completion. samples/s = prompts x k x timed steps / their wall t
 are those after ``warmup``, each ending where the trainer ends a step (ours: the job's ``on_step`` hook;
 TRL: ``TrainerCallback.on_step_end``). Start-up (engines, learners, model loading) is not timed.
 
-Where the two still differ, by design: TRL's reference is its own policy with the adapter switched off
-(ours is a separate frozen learner), and generating with ``model.generate`` and one optimizer step per
-generation, TRL takes the ratio's denominator from the training pass itself (ours computes the actor's
-log-probs in a pass of their own, see ``trainers.ppo_trainer``); a completion with calls is followed in
-our sequences by the tool results the loop appends (masked out of the loss, but in the learners' passes).
+Both take the reference as the policy with its adapter switched off (ours: the smol config's
+``reference_source: actor_base``), and with one optimizer step per iteration both take the ratio's
+denominator from the training pass itself (ours: ``trainers.ppo_trainer``'s ``fused_old``). Where
+the two still differ, by design: a completion with calls is followed in our sequences by the tool
+results the loop appends (masked out of the loss, but in the learners' passes).
 
 Each side runs its best configuration that runs here. TRL: vLLM colocated in the trainer's process
 (``use_vllm=True, vllm_mode="colocate"``) if that runs, else ``model.generate``; the result says which,
