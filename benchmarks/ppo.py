@@ -143,11 +143,12 @@ def learning(split: str, seeds: Sequence[int], overrides: Sequence[str], trial: 
         "sft": scored_policy(sft, start, split, sft_out / f"eval_{split}_contrast", "SFT start (over-calling)"),
     }  # fmt: skip
     runs = []
-    for seed in seeds:
-        # A trial of the config file as it is trains the record's own runs: recording it then reuses them.
-        out = RUNS / (f"trial-{trial}-seed{seed}" if overrides else f"ppo-seed{seed}")
-        cfg = ppo_config(start, out, seed, overrides)
-        check_heldout(sft, cfg)
+    # A trial of the config file as it is trains the record's own runs: recording it then reuses them.
+    configs = {seed: ppo_config(start, RUNS / (f"trial-{trial}-seed{seed}" if overrides else f"ppo-seed{seed}"), seed, overrides) for seed in seeds}
+    if configs:
+        check_heldout(sft, next(iter(configs.values())))  # the seeds change neither world
+    for seed, cfg in configs.items():
+        out = Path(cfg.output_dir)
         trained = train_ppo(cfg)
         after = scored_policy(sft, trained["checkpoint"], split, out / f"eval_{split}", f"PPO seed {seed}")
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -157,7 +158,7 @@ def learning(split: str, seeds: Sequence[int], overrides: Sequence[str], trial: 
     result |= summarise(result["sft"], runs)
     result["steps"] = runs[0]["steps"] if runs else 0
     result["wall_seconds"] = round(sum(r["wall_seconds"] for r in runs), 1)
-    result["provenance"] = provenance(cfg if seeds else sft, list(overrides), RUNS, machine_info()["machine"])
+    result["provenance"] = provenance(next(iter(configs.values()), sft), list(overrides), RUNS, machine_info()["machine"])
     return result
 
 
