@@ -84,15 +84,16 @@ def ppo_config(checkpoint: str, out: Path, seed: int, overrides: Sequence[str] =
 
 def check_heldout(sft: SFTConfig, ppo: PPOConfig) -> None:
     """The PPO world's held-out splits must be the SFT world's (the start and the result are
-    scored on the same tasks), and no PPO training prompt may be a scored query."""
+    scored on the same tasks), and no PPO training prompt or SFT training task may be a scored query."""
     a, b = generate_world(sft.data.world), generate_world(ppo.world)
     for split in ("validation", "test"):
         if [t.query for t in a[split]] != [t.query for t in b[split]]:
             raise SystemExit(f"error: {PPO_CONFIG}: world.{split} differs from {SFT_CONFIG}'s: keep the seed and split sizes")
     scored = {t.query for split in ("validation", "test") for t in a[split] + contrast_settings(sft, split).tasks()}
-    shared = scored & {t.query for t in train_prompts(ppo, b)[0]}
-    if shared:
-        raise SystemExit(f"error: {len(shared)} PPO training prompts are scored queries, e.g. {sorted(shared)[:3]}")
+    for name, prompts in (("PPO training prompts", train_prompts(ppo, b)[0]), (f"{SFT_CONFIG} training tasks", a["train"])):
+        shared = scored & {t.query for t in prompts}
+        if shared:
+            raise SystemExit(f"error: {len(shared)} {name} are scored queries, e.g. {sorted(shared)[:3]}")
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, Any]:

@@ -231,3 +231,41 @@ def test_train_no_tool_kinds_restrict_the_training_split_alone():
     assert not any(q in t.query for t in no_tool for q in ("+", " minus ", " times ", " plus "))
     with pytest.raises(ValueError, match="train_no_tool_kinds is empty"):
         WorldConfig(train_no_tool_kinds=[])
+
+
+def test_trivially_phrased_calculator_tasks_join_the_training_split_alone():
+    from tooltune.world_contrast import ContrastSettings
+    from tooltune.world_queries import TRIVIAL_FORMS, heldout_operands
+
+    sizes = dict(n_train=400, n_validation=40, n_test=40)
+    plain = generate_world(WorldConfig(**sizes))
+    mixed = generate_world(WorldConfig(**sizes, trivial_phrased_calculator_share=0.5))
+    assert generate_world(WorldConfig(**sizes, trivial_phrased_calculator_share=0.0)) == plain
+    for split in ("validation", "test"):
+        assert [t.query for t in mixed[split]] == [t.query for t in plain[split]]
+
+    def phrased(task):  # the trivial form and operands a query was written from, if any
+        for form, op in TRIVIAL_FORMS:
+            head, _, rest = form.partition("{a}")
+            mid, _, tail = rest.partition("{b}")
+            if task.query.startswith(head) and task.query.endswith(tail) and mid in task.query[len(head) :]:
+                a, b = task.query[len(head) : len(task.query) - len(tail)].split(mid, 1)
+                if a.isdigit() and b.isdigit():
+                    return form, op, int(a), int(b)
+        return None
+
+    # The calculator's own template "What is {e}?" writes one trivial phrasing, "What is {a} + {b}?".
+    template_form = "What is {a} + {b}?"
+    assert {phrased(t)[0] for t in plain["train"] if t.category == "single" and phrased(t)} == {template_form}
+    calls = [(t, p) for t in mixed["train"] if t.category == "single" and (p := phrased(t)) and p[0] != template_form]
+    # About half the single-call tasks (200 x 0.9 x 0.5 x 5/6 = 75 expected in the other phrasings).
+    assert 45 < len(calls) < 105
+    for task, (form, op, a, b) in calls:
+        assert a >= 100 and b >= 10 and not heldout_operands(form, a, b)
+        assert task.expected_calls == [[ToolCall("calculator", {"expression": f"{a} {op} {b}"})]]
+    assert {p[0] for _, p in calls} == {form for form, _ in TRIVIAL_FORMS} - {template_form}
+    # The held-out contrastive pairs' large halves come from the held-out quarter: never trained on.
+    for seed in (0, 1):
+        for pair in ContrastSettings(pairs_per_form=10, seed=seed).pairs():
+            form, _, a, b = phrased(pair.large)
+            assert heldout_operands(form, a, b)

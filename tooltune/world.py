@@ -23,7 +23,17 @@ from tooltune.config import StrictModel
 from tooltune.episode import Task, ToolCall
 from tooltune.tools import ToolRegistry
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
-from tooltune.world_queries import ANSWER_TEMPLATE, GENERATORS, NO_TOOL_KINDS, SMALL_TALK, SMALL_TALK_DEFAULT_REPLY, Run, _Draft
+from tooltune.world_queries import (
+    ANSWER_TEMPLATE,
+    GENERATORS,
+    NO_TOOL_KINDS,
+    SMALL_TALK,
+    SMALL_TALK_DEFAULT_REPLY,
+    Generator,
+    Run,
+    _calculator_trivial_phrasing,
+    _Draft,
+)
 from tooltune.world_synthetic import SyntheticTool, add_synthetic_tools, synthetic_call, synthetic_tools
 
 SPLITS = ("train", "validation", "test")
@@ -43,6 +53,11 @@ class WorldConfig(StrictModel):
     # common function-calling data: none shows an offered tool that is not needed.
     train_no_tool_kinds: list[Literal[NO_TOOL_KINDS]] = list(NO_TOOL_KINDS)  # type: ignore[valid-type]
     eval_no_tool_fraction: float = Field(0.3, ge=0, le=1)
+    # The share of the training split's single-call tasks that ask the calculator in the trivial
+    # no-tool phrasings ("What is 4821 times 977?", world_queries.TRIVIAL_FORMS) with large
+    # operands: the phrasing alone then does not decide the call (the operands do). Other
+    # phrasings of the calculator use the calculator templates. 0 leaves the world as it was.
+    trivial_phrased_calculator_share: float = Field(0.0, ge=0, le=1)
     single_share: float = Field(0.5, ge=0, le=1)
     parallel_share: float = Field(0.25, ge=0, le=1)
     multi_step_share: float = Field(0.25, ge=0, le=1)
@@ -108,12 +123,19 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[Task]]:
         for index, kind in enumerate(_plan(split, sizes[split], cfg, rng)):
             if kind == "synthetic":
                 draft = _draw_synthetic(rng, synthetic, run, seen_queries)
+            elif split == "train" and kind == "single" and _draws_below(rng, cfg.trivial_phrased_calculator_share):
+                draft = _draw(kind, rng, run, seen_queries, generators=(_calculator_trivial_phrasing,))
             else:
                 kinds = cfg.train_no_tool_kinds if split == "train" and kind == "no_tool" else None
                 draft = _draw(kind, rng, run, seen_queries, kinds)
             tasks.append(_to_task(f"{split}-{index:05d}", draft, kind == "unseen", rng, registry, cfg, exclude, generated))
         world[split] = tasks
     return {split: world[split] for split in SPLITS}
+
+
+def _draws_below(rng: random.Random, share: float) -> bool:
+    """A draw with odds ``share``; no draw at all (the stream unchanged) when it is 0."""
+    return share > 0 and rng.random() < share
 
 
 def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[str]:
@@ -133,8 +155,15 @@ def _plan(split: str, size: int, cfg: WorldConfig, rng: random.Random) -> list[s
     return plan
 
 
-def _draw(kind: str, rng: random.Random, run: Run, seen_queries: set[str], no_tool_kinds: list[str] | None = None) -> _Draft:
-    generators = GENERATORS[kind]
+def _draw(
+    kind: str,
+    rng: random.Random,
+    run: Run,
+    seen_queries: set[str],
+    no_tool_kinds: list[str] | None = None,
+    generators: tuple[Generator, ...] | None = None,
+) -> _Draft:
+    generators = generators or GENERATORS[kind]
     if no_tool_kinds is not None:
         # In NO_TOOL_KINDS' order: with every kind allowed, the draws are the unrestricted ones.
         generators = tuple(g for name, g in zip(NO_TOOL_KINDS, generators) if name in no_tool_kinds)

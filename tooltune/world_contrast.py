@@ -11,15 +11,15 @@ measured is the decision, not the copying of numbers longer than any the world t
 
 The set is its own seeded stream, apart from the world's splits: adding it changes no split.
 Small-operand queries come from a space of 546 (6 phrasings, 0 <= b <= a <= 12): seeds alone
-would make held-out and training pairs coincide. So a quarter of that space, fixed by content
-(``heldout_operands``), is held out: pairs of a held-out seed (``HELDOUT_SEEDS``) draw from it
-alone, pairs of any other seed never do, and ``HELDOUT_TRIVIAL_QUERIES`` lets a trainer drop
-such queries from its own prompts.
+would make held-out and training pairs coincide. So a quarter of the query space, fixed by content
+(``heldout_operands``, both halves), is held out: pairs of a held-out seed (``HELDOUT_SEEDS``) draw
+from it alone, pairs of any other seed and the world's trivially phrased calculator tasks
+(``WorldConfig.trivial_phrased_calculator_share``) never do, and ``HELDOUT_TRIVIAL_QUERIES`` lets
+a trainer drop such small-operand queries from its own prompts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
@@ -30,16 +30,11 @@ from tooltune.episode import Episode, Task, ToolCall
 from tooltune.metrics import answer_is_correct, calls_match_exactly
 from tooltune.tools import ToolRegistry
 from tooltune.tools.builtins import UNSEEN_TOOLS, builtin_registry
-from tooltune.world_queries import TRIVIAL_FORMS, apply_operator
+from tooltune.world_queries import TRIVIAL_FORMS, apply_operator, heldout_operands, large_operands
 
 
 # The pairs' seeds held out for scoring: training prompts must come from other seeds.
 HELDOUT_SEEDS = {"test": 0, "validation": 1}
-
-
-def heldout_operands(form: str, a: int, b: int) -> bool:
-    """Whether a small-operand query belongs to the held-out quarter (a stable hash of it)."""
-    return int(hashlib.sha256(f"{form}|{a}|{b}".encode()).hexdigest(), 16) % 4 == 0
 
 
 HELDOUT_TRIVIAL_QUERIES = frozenset(
@@ -72,7 +67,7 @@ class ContrastPair:
 def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1, registry: ToolRegistry | None = None) -> list[ContrastPair]:
     """``n_per_form`` pairs for each phrasing, in a seeded order; both tasks of a pair offer the
     calculator and the same ``distractor_tools`` other built-in tools, in the same order. The
-    small operands come from the held-out quarter for a held-out seed, from the rest otherwise."""
+    operands of both halves come from the held-out quarter for a held-out seed, from the rest otherwise."""
     registry = registry or builtin_registry()
     held = seed in HELDOUT_SEEDS.values()
     rng = random.Random(f"tooltune-contrast:{seed}")
@@ -89,7 +84,9 @@ def contrastive_pairs(n_per_form: int, seed: int = 0, distractor_tools: int = 1,
             a, b = sorted((rng.randint(0, 12), rng.randint(0, 12)), reverse=True)
         trivial = Task(id=f"contrast-{i:04d}-trivial", query=form.format(a=a, b=b), tools=schemas, expected_calls=[],
                        expected_answer=str(apply_operator(op, a, b)), category="no_tool")  # fmt: skip
-        a, b = rng.randint(100, 9_999), rng.randint(10, 999)
+        a, b = large_operands(rng)
+        while heldout_operands(form, a, b) != held:
+            a, b = large_operands(rng)
         call = ToolCall("calculator", {"expression": f"{a} {op} {b}"})
         result = registry.execute(call, timeout_s=None)
         if result.error is not None:

@@ -7,6 +7,7 @@ verbatim), and computes the ground truth by running the built-in tools (``run``)
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -279,6 +280,29 @@ TRIVIAL_FORMS = (
 
 def apply_operator(op: str, a: int, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def heldout_operands(form: str, a: int, b: int) -> bool:
+    """Whether a trivial phrasing with these operands belongs to the held-out quarter (a stable
+    hash of its content): held-out contrastive pairs draw from it, training data never does
+    (``tooltune.world_contrast``)."""
+    return int(hashlib.sha256(f"{form}|{a}|{b}".encode()).hexdigest(), 16) % 4 == 0
+
+
+def large_operands(rng: random.Random) -> tuple[int, int]:
+    """Operands that need the calculator: the range of the world's own calculator tasks."""
+    return rng.randint(100, 9_999), rng.randint(10, 999)
+
+
+def _calculator_trivial_phrasing(rng: random.Random, run: Run) -> _Draft:
+    """A calculator task asked in a trivial no-tool phrasing, with large operands (never the
+    held-out quarter's): the phrasing alone does not decide the call."""
+    form, op = rng.choice(TRIVIAL_FORMS)
+    a, b = large_operands(rng)
+    while heldout_operands(form, a, b):
+        a, b = large_operands(rng)
+    call = _call("calculator", expression=f"{a} {op} {b}")
+    return _Draft(form.format(a=a, b=b), [[call]], _num(run(call)["result"]))
 
 
 def _trivial_math(rng: random.Random, run: Run) -> _Draft:
