@@ -1,0 +1,210 @@
+"""Distillation benchmark.
+
+    python -m benchmarks.distill --part loss    # top-k loss vs full-vocab KL: peak memory, step time
+
+1. ``loss``: the distillation loss's forward and backward from the student's final hidden states,
+   at SmolLM2-135M's sizes (49,152-token vocabulary, hidden 576, a frozen LM head as in a LoRA
+   student), on the same tokens and dtype, three ways:
+   - the top-k loss (``trainers.distill.head_loss`` with the forward KL over the teacher's top-k
+     plus the tail bucket, rows in chunks);
+   - the full-vocabulary KL (``log_softmax`` of the whole batch's logits against the teacher's
+     full log-prob rows, autograd), the obvious alternative;
+   - the floor: the LM-head matmul alone with its backward to the hidden states.
+   Extra peak memory is the peak while a variant runs less the memory before it (inputs, the
+   teacher's targets of each kind, the head: allocated beforehand and not counted); on CPU the
+   process's resident-set high-water mark, reset before each variant (Linux ``clear_refs``), on
+   GPU ``torch.cuda.max_memory_allocated``. Times are medians of repetitions taken in turn.
+   Writes ``topk_memory_ratio`` (top-k extra peak / full-vocab extra peak) and
+   ``topk_time_over_floor`` (top-k step time / floor step time).
+
+Writes ``benchmarks/results/distill.json`` (each part's keys; a part run again replaces its own
+keys and leaves the other parts' as recorded) and a section of ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import OtherCpuShare, machine_info, write_result
+from tooltune.provenance import provenance
+from trainers.distill import distill_token_loss, head_loss
+
+RESULTS = Path(__file__).parent / "results"
+NAME = "distill"
+
+
+# ---- part 1: the loss --------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def extra_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak memory while ``fn`` runs, less the memory in use just before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def loss_variants(tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The three variants as closures over the same inputs (allocated here, before any is run)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+    torch.nn.init.normal_(head.weight, std=hidden**-0.5)
+    h = (torch.randn(tokens, hidden, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_(True)
+    with torch.no_grad():
+        teacher = torch.log_softmax((head(h) + torch.randn(tokens, vocab, generator=g).to(device, dtype)).float(), dim=-1)
+        top, ids = teacher.topk(k, dim=-1)
+        tail = teacher.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    targets = {"ids": ids.to(torch.int32), "logp": top, "tail_logp": tail}
+    weights = torch.full((tokens,), 1.0 / tokens, device=device)
+    grad_out = torch.randn(tokens, vocab, generator=g).to(device=device, dtype=dtype)
+
+    def topk() -> None:
+        total, _ = head_loss(h, head, distill_token_loss, targets, weights, chunk_tokens=chunk_tokens)
+        total.backward()
+        h.grad = None
+
+    def full_vocab() -> None:
+        student = torch.log_softmax(head(h).float(), dim=-1)
+        total = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="sum") / tokens
+        total.backward()
+        h.grad = None
+
+    def floor() -> None:
+        torch.autograd.grad(head(h), h, grad_outputs=grad_out)
+
+    # The same quantity two ways: the top-k loss with k = V would equal the full KL; with k < V
+    # it is the bucketed KL, never above it.
+    with torch.no_grad():
+        check = {
+            "topk_loss": head_loss(h, head, distill_token_loss, targets, weights, chunk_tokens=chunk_tokens)[0].item(),
+            "full_kl": (torch.nn.functional.kl_div(torch.log_softmax(head(h).float(), -1), teacher, log_target=True, reduction="sum") / tokens).item(),
+        }
+    return {"topk": topk, "full_vocab": full_vocab, "floor": floor}, check
+
+
+def run_loss(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    variants, check = loss_variants(args.tokens, args.vocab, args.hidden, args.k, args.chunk_tokens, dtype, device)
+    peaks = {name: extra_peak_bytes(fn, device) for name, fn in variants.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with OtherCpuShare() as others:
+        for _ in range(args.reps):
+            for name, fn in variants.items():
+                times[name].append(timed(fn, device))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = {
+        "topk_memory_ratio": round(peaks["topk"] / peaks["full_vocab"], 4),
+        "topk_time_over_floor": round(med["topk"] / med["floor"], 4),
+        "loss": {
+            "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "k": args.k,
+            "chunk_tokens": args.chunk_tokens, "dtype": args.dtype, "device": str(device), "reps": args.reps,
+            "extra_peak_mib": {n: round(b / 2**20, 1) for n, b in peaks.items()},
+            "step_s_median": {n: round(t, 4) for n, t in med.items()},
+            "step_s": {n: [round(t, 4) for t in ts] for n, ts in times.items()},
+            "full_vocab_time_over_floor": round(med["full_vocab"] / med["floor"], 4),
+            "values": check,
+            "others_cpu_share": others.value,
+        },
+    }  # fmt: skip
+    return result
+
+
+def loss_summary(r: dict[str, Any]) -> str:
+    s = r["loss"]
+    peaks, med = s["extra_peak_mib"], s["step_s_median"]
+    return "\n".join(
+        [
+            f"Loss forward + backward from the student's hidden states: {s['tokens']} tokens, vocabulary {s['vocab']}, "
+            f"hidden {s['hidden']}, {s['dtype']} on {s['device']}, frozen LM head, top-{s['k']} in chunks of "
+            f"{s['chunk_tokens']} rows; medians of {s['reps']} runs taken in turn.",
+            "",
+            "| | extra peak memory (MiB) | step (s) |",
+            "|---|---|---|",
+            f"| top-k forward KL + tail bucket (`trainers.distill.head_loss`) | {peaks['topk']} | {med['topk']:.3f} |",
+            f"| full-vocabulary KL (log_softmax + kl_div, autograd) | {peaks['full_vocab']} | {med['full_vocab']:.3f} |",
+            f"| floor: LM-head matmul and its backward | {peaks['floor']} | {med['floor']:.3f} |",
+            "",
+            f"**topk_memory_ratio {r['topk_memory_ratio']:.3f}** (top-k / full-vocab extra peak), "
+            f"**topk_time_over_floor {r['topk_time_over_floor']:.3f}**; the full-vocab KL takes "
+            f"{s['full_vocab_time_over_floor']:.2f}x the floor.",
+        ]
+    )
+
+
+# ---- recording ----------------------------------------------------------------------------------
+
+
+def record(part: str, part_result: dict[str, Any], summary: str, settings: dict[str, Any]) -> Path:
+    """This part's keys replace their previous values in ``distill.json``; the others stay."""
+    path = RESULTS / f"{NAME}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    info = machine_info()
+    parts = previous.get("parts", {})
+    parts[part] = {"summary": summary, "provenance": provenance(settings, machine=info["machine"])}
+    result = {k: v for k, v in previous.items() if k not in ("parts", "machine", "date")} | part_result
+    result |= info | {"parts": parts}
+    body = "\n\n".join(f"### {name}\n\n{p['summary']}" for name, p in parts.items())
+    return write_result(NAME, result, body)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["loss"], required=True)
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition; prints, writes nothing")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.vocab, args.reps = 256, 4096, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run_loss(args)
+    summary = loss_summary(result)
+    if not args.quick:
+        print(f"wrote {record(args.part, result, summary, {k: v for k, v in vars(args).items() if k != 'quick'})}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
