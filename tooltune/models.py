@@ -219,6 +219,34 @@ def prepare_smollm2(out_dir: str | Path | None = None, force: bool = False) -> P
     return _save_atomically(model, tok, out)
 
 
+def parameter_count(model) -> int:
+    """Every parameter of ``model``, a tied weight counted once (embeddings included)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def truncated_model(teacher_dir: str | Path, keep_layers: list[int], out_dir: str | Path) -> Path:
+    """A student made of the teacher with only ``keep_layers`` of its decoder layers (in that
+    order, initialised from them), its embeddings, final norm and head, and its tokenizer; saved
+    to ``out_dir`` (atomically; same inputs, same bytes). Llama-family layouts (``model.layers``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")
+    layers = model.get_decoder().layers
+    bad = [i for i in keep_layers if not 0 <= i < len(layers)]
+    if not keep_layers or bad or len(set(keep_layers)) != len(keep_layers):
+        raise ValueError(f"keep_layers {keep_layers}: distinct indices of the teacher's {len(layers)} layers, at least one")
+    kept = [layers[i] for i in keep_layers]
+    for new_index, layer in enumerate(kept):
+        # The attention's cache slot follows its new position.
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.get_decoder().layers = type(layers)(kept)
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep_layers]
+    return _save_atomically(model, AutoTokenizer.from_pretrained(teacher_dir), Path(out_dir))
+
+
 def _save_atomically(model, tokenizer, out: Path) -> Path:
     """Write into a temporary sibling and rename, so a crash never leaves a half checkpoint."""
     out.parent.mkdir(parents=True, exist_ok=True)

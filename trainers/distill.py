@@ -273,3 +273,44 @@ class _FrozenHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_per):
         (grad,) = ctx.saved_tensors
         return (grad * grad_total, *[None] * (ctx.n_inputs - 1))
+
+
+# ---- the learner's loss -------------------------------------------------------------------------
+
+
+def distill_loss(
+    fwd,
+    batch: dict[str, torch.Tensor],
+    *,
+    kind: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ce_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``Learner.train_step`` loss: the distillation loss summed over the tokens whose
+    ``loss_mask`` is 1 (units: those tokens). Per-token batch columns, aligned with ``input_ids``
+    (entry t: the teacher's distribution for token t, read at position t - 1): ``t_ids`` [rows, T, k],
+    ``t_logp`` [rows, T, k], ``t_tail`` [rows, T]. Stats: the loss sum, the tokens, and how many of
+    them the student's most likely token is the teacher's (``top1_agree``)."""
+    from trainers.logprobs import output_embeddings
+
+    mask = batch["loss_mask"][:, 1:].bool()
+    rows = fwd.hidden()[:, :-1][mask]
+    targets = {
+        "ids": batch["t_ids"][:, 1:][mask],
+        "logp": batch["t_logp"][:, 1:][mask],
+        "tail_logp": batch["t_tail"][:, 1:][mask],
+        "labels": batch["input_ids"][:, 1:][mask],
+    }
+    head = output_embeddings(fwd.model)
+    agree: list[torch.Tensor] = []  # per chunk, in order (a checkpointed chunk appends again in backward)
+
+    def token_loss(logits: torch.Tensor, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        agree.append((logits.detach().argmax(-1) == t["ids"][:, 0].long()).sum())
+        return distill_token_loss(logits, t, kind=kind, temperature=temperature, beta=beta, ce_weight=ce_weight)
+
+    weights = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
+    total, _ = head_loss(rows, head, token_loss, targets, weights, chunk_tokens=fwd.chunk_tokens)
+    chunks = -(-rows.shape[0] // fwd.chunk_tokens)
+    top1 = float(sum(a.item() for a in agree[:chunks]))
+    return total, {"distill_sum": total.item(), "tokens": float(rows.shape[0]), "top1_agree": top1}

@@ -228,6 +228,14 @@ class ShardedTeacher:
             self.placement.close()
             raise
 
+    def submit(self, batch: torch.Tensor):
+        """Send one micro-batch down the stages now; returns the object ref of its scores (no
+        bound on what is in flight: the caller keeps one, as ``score`` and streamed targets do)."""
+        ref = batch
+        for stage in self.stages:
+            ref = stage.forward.remote(ref)
+        return ref
+
     def score(self, batches: list[torch.Tensor]) -> list[Scores]:
         """Scores of every position of each micro-batch of right-padded token ids [B, T], in input
         order (``TeacherStage.forward``: pad positions' scores are meaningless)."""
@@ -239,31 +247,36 @@ class ShardedTeacher:
             # Stages run in submission order, so the oldest micro-batch is always the next to finish.
             if len(pending) == self.max_in_flight:
                 out.append(ray.get(pending.popleft()))
-            ref = batch
-            for stage in self.stages:
-                ref = stage.forward.remote(ref)
-            pending.append(ref)
+            pending.append(self.submit(batch))
         return out + ray.get(list(pending))
 
     def score_sequences(self, seqs: list[list[int]], micro_batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
         """Scores of unpadded sequences, ``micro_batch_size`` per micro-batch (each right-padded to
         its longest with ``pad_id``). Per sequence of length L, numpy arrays ``ids`` int32 [L, k],
         ``logp`` float32 [L, k], ``tail_logp`` float32 [L]; position t scores the token at t + 1."""
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if any(len(s) == 0 for s in seqs):
-            raise ValueError("every sequence needs at least one token")
-        groups = [seqs[i : i + micro_batch_size] for i in range(0, len(seqs), micro_batch_size)]
-        batches = [
-            torch.tensor([s + [pad_id] * (max(map(len, group)) - len(s)) for s in group], dtype=torch.long)
-            for group in groups
-        ]
-        out = []
-        for group, scores in zip(groups, self.score(batches)):
-            for row, seq in enumerate(group):
-                out.append({key: value[row, : len(seq)].numpy() for key, value in scores.items()})
-        return out
+        groups, batches = padded_micro_batches(seqs, micro_batch_size, pad_id)
+        return unpad_scores(groups, self.score(batches))
 
     def shutdown(self) -> None:
         """Kill the stage actors and remove their placement group."""
         self.placement.close()
+
+
+def padded_micro_batches(seqs: list[list[int]], micro_batch_size: int, pad_id: int) -> tuple[list[list[list[int]]], list[torch.Tensor]]:
+    """``seqs`` in groups of ``micro_batch_size``, each right-padded to its longest with ``pad_id``."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("every sequence needs at least one token")
+    groups = [seqs[i : i + micro_batch_size] for i in range(0, len(seqs), micro_batch_size)]
+    batches = [torch.tensor([s + [pad_id] * (max(map(len, g)) - len(s)) for s in g], dtype=torch.long) for g in groups]
+    return groups, batches
+
+
+def unpad_scores(groups: list[list[list[int]]], scores: list[Scores]) -> list[dict[str, np.ndarray]]:
+    """Per sequence, its unpadded scores as numpy arrays, in the groups' order."""
+    out = []
+    for group, batch_scores in zip(groups, scores, strict=True):
+        for row, seq in enumerate(group):
+            out.append({key: value[row, : len(seq)].numpy() for key, value in batch_scores.items()})
+    return out

@@ -1,0 +1,283 @@
+"""Distillation job: the teacher's tool-calling behaviour, token by token, into a smaller LoRA student.
+
+    python -m ray_jobs.distill --config configs/tiny/distill.yaml [key=value ...]
+
+Reads like the stage: tokenize the training conversations (the teacher's tokenizer; assistant
+turns carry the loss) -> build the student (a checkpoint of the same tokenizer, or the teacher
+with layers removed) -> the sharded teacher scores every loss token's top-k (pipeline stages as
+Ray actors), into sharded Parquet once (resumable shard by shard, reused by later student runs
+with the same teacher and data) or streamed to the student a bounded number of steps ahead ->
+the student learns on ZeRO data-parallel learners (``trainers.distill_trainer``), checkpointed
+and resumable like SFT -> optionally, the evaluation job on the final checkpoint.
+
+Mode ``logit`` (the teacher's distribution per token) is what this job runs today.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cluster.local import RayConfig, local_ray
+from cluster.placement import RoleConfig
+from ray_jobs._cli import job_config, user_errors
+from ray_jobs.sft import SFTEvalSettings, prepare_run_dir
+from tooltune.config import StrictModel, save_config
+from tooltune.provenance import provenance
+from trainers.distill import Divergence
+from trainers.learner import LearnerConfig, LoraConfig
+from trainers.sft import SFTDataConfig, SFTTrainConfig
+
+
+class TeacherSettings(StrictModel):
+    model: str = Field(..., description="the teacher checkpoint (a tuned SFT or PPO model)")
+    stages: int = Field(2, ge=1)  # pipeline stages, each a Ray actor with a slice of the layers
+    cpus_per_stage: float = Field(1.0, ge=0)
+    gpus_per_stage: float = Field(0.0, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    k: int = Field(20, ge=1)  # top-k token ids and log-probs per token, plus the tail's mass
+    temperature: float = Field(1.0, gt=0)  # the teacher's and the student's (T^2 scales the loss)
+    micro_batch_size: int = Field(8, ge=1)
+    max_in_flight: int = Field(4, ge=1)  # micro-batches in the pipeline at once
+    chunk_tokens: int = Field(1024, ge=1)
+
+
+class TargetSettings(StrictModel):
+    # parquet: scored once into ``dir`` (resumable, reused); stream: scored while the student trains.
+    source: Literal["parquet", "stream"] = "parquet"
+    dir: str | None = None  # default: <output_dir>/targets
+    rows_per_shard: int = Field(512, ge=1)
+    ahead_steps: int = Field(2, ge=0)  # stream: steps the teacher scores ahead of the student
+
+
+class StudentSettings(StrictModel):
+    model: str | None = None  # a checkpoint with the teacher's tokenizer
+    keep_layers: list[int] | None = None  # or: the teacher with only these decoder layers
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentSettings:
+        if (self.model is None) == (self.keep_layers is None):
+            raise ValueError("student: give exactly one of model (a checkpoint) or keep_layers (the teacher's layers to keep)")
+        return self
+
+
+class DistillLossSettings(StrictModel):
+    kind: Divergence = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1)  # jsd's weight
+    ce_weight: float = Field(0.0, ge=0, le=1)  # mix of the data's next-token NLL
+
+
+class DistillConfig(StrictModel):
+    mode: Literal["logit"] = "logit"
+    teacher: TeacherSettings
+    targets: TargetSettings = TargetSettings()
+    student: StudentSettings
+    ray: RayConfig = RayConfig()
+    learners: RoleConfig = RoleConfig(num_ranks=1)
+    learner: LearnerConfig = LearnerConfig(lora=LoraConfig())
+    data: SFTDataConfig = SFTDataConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+    loss: DistillLossSettings = DistillLossSettings()
+    evaluation: SFTEvalSettings = SFTEvalSettings()
+    output_dir: str = "runs/distill"
+    resume: bool = True
+    tensorboard: bool = True
+
+    def targets_dir(self) -> Path:
+        return Path(self.targets.dir) if self.targets.dir else Path(self.output_dir) / "targets"
+
+
+# Keys that do not change what a run trains (where the targets come from is one: the same numbers).
+RUN_INDEPENDENT_KEYS = (
+    "evaluation", "ray", "resume", "tensorboard", "output_dir", "learners.cpus", "learners.gpus",
+    "learners.strategy", "learners.ready_timeout_s", "train.eval_every", "train.save_every", "train.keep_last",
+    "targets", "teacher.stages", "teacher.cpus_per_stage", "teacher.gpus_per_stage", "teacher.micro_batch_size",
+    "teacher.max_in_flight", "teacher.chunk_tokens",
+)  # fmt: skip
+
+
+def teacher_identity(cfg: DistillConfig) -> dict[str, Any]:
+    """What the targets depend on, recorded in every shard (a shard of another teacher is refused)."""
+    from tooltune.teacher_targets import checkpoint_digest
+
+    t = cfg.teacher
+    return {"digest": checkpoint_digest(t.model), "k": t.k, "temperature": t.temperature, "dtype": t.dtype}
+
+
+def student_model(cfg: DistillConfig, out: Path) -> str:
+    """The student checkpoint: the configured one, or the teacher cut to ``keep_layers`` (built
+    once into ``out/student-init``)."""
+    from tooltune.models import truncated_model
+
+    if cfg.student.model:
+        return cfg.student.model
+    path = out / "student-init"
+    stamp = path / "tooltune_student.json"
+    want = {"teacher": str(Path(cfg.teacher.model).resolve()), "keep_layers": cfg.student.keep_layers}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
+        truncated_model(cfg.teacher.model, cfg.student.keep_layers, path)
+        stamp.write_text(json.dumps(want))
+    return str(path)
+
+
+def params_ratio(student: str, teacher: str) -> tuple[int, int]:
+    from transformers import AutoModelForCausalLM
+
+    from tooltune.models import parameter_count
+
+    return tuple(parameter_count(AutoModelForCausalLM.from_pretrained(p)) for p in (student, teacher))  # type: ignore[return-value]
+
+
+def make_teacher(cfg: DistillConfig):
+    from trainers.teacher import ShardedTeacher
+
+    t = cfg.teacher
+    return ShardedTeacher(
+        t.model, stages=t.stages, k=t.k, temperature=t.temperature, cpus_per_stage=t.cpus_per_stage,
+        max_in_flight=t.max_in_flight, chunk_tokens=t.chunk_tokens, dtype=t.dtype, gpus_per_stage=t.gpus_per_stage,
+        name="distill-teacher",
+    )  # fmt: skip
+
+
+def score_targets(
+    cfg: DistillConfig, teacher, examples: list, split: str, pad_id: int, identity: dict[str, Any], stop_after: int | None = None
+) -> dict[str, list[int]]:
+    """Score ``examples`` into ``<targets dir>/<split>``: the shards not there yet, in order."""
+    from tooltune.teacher_targets import TargetWriter
+
+    writer = TargetWriter(cfg.targets_dir() / split, examples, cfg.targets.rows_per_shard, identity)
+    score = lambda exs: teacher.score_sequences([list(e["input_ids"]) for e in exs], cfg.teacher.micro_batch_size, pad_id)  # noqa: E731
+    return writer.run(score, stop_after=stop_after)
+
+
+def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from tooltune.data import DataError
+    from tooltune.teacher_targets import TargetStore
+    from tooltune.tracking import MetricsLogger
+    from trainers.distill_trainer import DistillTrainer, StreamedTargets
+    from trainers.group import LearnerGroup
+    from trainers.sft import load_sft_conversations, load_text, planned_steps, tokenize_all, training_rows
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(cfg, RUN_INDEPENDENT_KEYS)
+    save_config(cfg, out / "config.yaml")
+    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.model)
+    train_convs, val_convs = load_sft_conversations(cfg.data)
+    loss_on = cfg.data.conversation_loss
+    train = training_rows(tokenize_all(tokenizer, train_convs, load_text(cfg.data.text_files), cfg.train.seq_len, loss_on), cfg.train)
+    validation = tokenize_all(tokenizer, val_convs, [], cfg.train.seq_len, loss_on)
+    if not any(any(ex["loss_mask"][1:]) for ex in train):
+        raise DataError(f"no training token carries loss within train.seq_len={cfg.train.seq_len}: raise it (or use data.conversation_loss=all)")
+    student = student_model(cfg, out)
+    student_params, teacher_params = params_ratio(student, cfg.teacher.model)
+    global_batch = cfg.learner.micro_batch_size * cfg.learner.grad_accum_steps * cfg.learners.num_ranks
+    steps = planned_steps(len(train), global_batch, cfg.train)
+    learner = cfg.learner.model_copy(update={"model": student, "total_steps": cfg.learner.total_steps or steps})
+    loss = cfg.loss.model_dump() | {"temperature": cfg.teacher.temperature}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    scoring: dict[str, Any] = {}
+    with local_ray(cfg.ray):
+        teacher = make_teacher(cfg)
+        try:
+            t_score = time.time()
+            if cfg.targets.source == "parquet":
+                identity, rps = teacher_identity(cfg), cfg.targets.rows_per_shard
+                splits = (("train", train), ("validation", validation))
+                scoring = {split: score_targets(cfg, teacher, rows, split, pad, identity) for split, rows in splits}
+                teacher.shutdown()  # its CPUs (or GPUs) go to the learners
+                teacher = None
+                targets = TargetStore(cfg.targets_dir() / "train", train, rps, identity)
+                val_targets = TargetStore(cfg.targets_dir() / "validation", validation, rps, identity) if validation else None
+            else:
+                val_targets = _memory_targets(teacher, validation, cfg.teacher.micro_batch_size, pad) if validation else None
+                targets = None  # needs the trainer's data plan: set below
+            scoring["seconds"] = round(time.time() - t_score, 1)
+            group = LearnerGroup("distill-learners", cfg.learners, learner)
+            try:
+                trainer = DistillTrainer(group, tokenizer, train, validation, targets, val_targets, cfg.train, loss, out, logger)
+                if targets is None:
+                    trainer.targets = StreamedTargets(teacher, train, trainer.rows_of, trainer.total_steps,
+                                                      cfg.targets.ahead_steps, cfg.teacher.micro_batch_size, pad)  # fmt: skip
+                history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
+            finally:
+                group.shutdown()
+        finally:
+            if teacher is not None:
+                teacher.shutdown()
+        train_seconds = time.time() - t0
+        final = trainer.ckpt.latest()
+        evaluation = None
+        if cfg.evaluation.enabled and final is not None and stop_after is None:
+            from ray_jobs.evaluate import run_evaluation
+
+            eval_cfg = evaluation_config(cfg, str(final / "model"), out / "eval", label=f"distill {out.name}")
+            evaluation = run_evaluation(eval_cfg)["world"]["test"]
+    logger.close()
+    result = {
+        "mode": cfg.mode,
+        "student_init": student,
+        "student_params": student_params,
+        "teacher_params": teacher_params,
+        "student_params_ratio": round(student_params / teacher_params, 4),
+        "scoring": scoring,
+        "checkpoint": str(final / "model") if final else None,
+        "steps": trainer.total_steps,
+        "completed_steps": history[-1]["step"] if history else 0,
+        "history": history,
+        "wall_seconds": round(train_seconds, 1),
+        "evaluation": evaluation,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+class _MemoryTargets:
+    def __init__(self, columns: dict[int, dict[str, list]]):
+        self._columns = columns
+
+    def columns(self, row: int) -> dict[str, list]:
+        return self._columns[row]
+
+
+def _memory_targets(teacher, examples: list, micro_batch_size: int, pad_id: int) -> _MemoryTargets:
+    from tooltune.teacher_targets import target_columns, target_record
+
+    scores = teacher.score_sequences([list(e["input_ids"]) for e in examples], micro_batch_size, pad_id)
+    return _MemoryTargets({i: target_columns(target_record(i, e, s)) for i, (e, s) in enumerate(zip(examples, scores))})
+
+
+def evaluation_config(cfg: DistillConfig, model: str, output_dir: str | Path, label: str = "", split: str = "test"):
+    from ray_jobs.evaluate import BfclEvalConfig, EvalConfig, WorkerSettings
+
+    if cfg.data.world is None:
+        raise ValueError("distillation evaluation needs data.world: the test split comes from the training world")
+    return EvalConfig(
+        model=model, label=label, ray=cfg.ray, workers=cfg.evaluation.workers,
+        rollout=WorkerSettings(dtype=cfg.learner.dtype, max_model_len=cfg.evaluation.max_model_len),
+        world=cfg.data.world, splits=[split], limit=cfg.evaluation.limit, bfcl=BfclEvalConfig(limit_per_category=0),
+        loop=cfg.evaluation.loop, output_dir=str(output_dir),
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = job_config(DistillConfig, __doc__.splitlines()[0], argv)
+    with user_errors():
+        result = run_distill(cfg)
+    last = result["history"][-1] if result["history"] else {}
+    print(json.dumps({k: v for k, v in result.items() if k != "history"} | {"last": last}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

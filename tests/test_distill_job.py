@@ -1,0 +1,109 @@
+"""The distillation job on real parts: a 2-stage sharded teacher (Ray actors), Parquet targets,
+LoRA students on DeepSpeed learners; resumable scoring, streamed = stored targets, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from ray_jobs.distill import DistillConfig, make_teacher, run_distill, score_targets, teacher_identity
+from tooltune.data import DataError
+
+WORLD = {"n_train": 20, "n_validation": 4, "n_test": 4, "distractor_tools": 0, "unseen_test_fraction": 0.0}
+
+
+def config(tmp_path, teacher: str, name: str, **over) -> DistillConfig:
+    raw = {
+        "teacher": {"model": teacher, "stages": 2, "cpus_per_stage": 0.25, "k": 8, "micro_batch_size": 3, "max_in_flight": 2},
+        "targets": {"rows_per_shard": 6, "dir": str(tmp_path / "targets")},
+        "student": {"keep_layers": [0]},
+        "learners": {"num_ranks": 2, "cpus": 0.25},
+        "learner": {"zero_stage": 2, "lr": 5e-3, "micro_batch_size": 2, "lora": {"r": 4, "alpha": 8}},
+        # Every token carries loss: the tool schemas alone outgrow a short window on this tokenizer.
+        "data": {"world": WORLD, "conversation_loss": "all"},
+        "train": {"seq_len": 128, "max_steps": 4, "eval_every": 2, "save_every": 2},
+        "output_dir": str(tmp_path / name),
+        "tensorboard": False,
+    }
+    for key, value in over.items():
+        raw[key] = raw.get(key, {}) | value if isinstance(value, dict) else value
+    return DistillConfig.model_validate(raw)
+
+
+def _examples(cfg):
+    from transformers import AutoTokenizer
+
+    from trainers.sft import load_sft_conversations, tokenize_all
+
+    tok = AutoTokenizer.from_pretrained(cfg.teacher.model)
+    train, _ = load_sft_conversations(cfg.data)
+    return tok, tokenize_all(tok, train, [], cfg.train.seq_len, cfg.data.conversation_loss)
+
+
+@pytest.mark.slow
+def test_parquet_scoring_cut_off_and_restarted_writes_the_same_shards_and_skips_the_finished(tmp_path, tiny_model_dir):
+    from cluster.local import local_ray
+
+    cfg = config(tmp_path, tiny_model_dir, "unused")
+    tok, examples = _examples(cfg)
+    identity = teacher_identity(cfg)
+    whole = cfg.model_copy(update={"targets": cfg.targets.model_copy(update={"dir": str(tmp_path / "whole")})})
+    cut = cfg.model_copy(update={"targets": cfg.targets.model_copy(update={"dir": str(tmp_path / "cut")})})
+    with local_ray():
+        teacher = make_teacher(cfg)
+        try:
+            assert score_targets(whole, teacher, examples, "train", tok.pad_token_id, identity) == {"skipped": [], "written": [0, 1, 2, 3]}
+            assert score_targets(cut, teacher, examples, "train", tok.pad_token_id, identity, stop_after=2) == {"skipped": [], "written": [0, 1]}
+            # A shard cut off mid-write is a temporary file: never read, removed on restart.
+            half = tmp_path / "cut" / "train" / "shard-00002-of-00004.parquet.tmp"
+            half.write_bytes(b"PAR1 half a shard")
+            assert score_targets(cut, teacher, examples, "train", tok.pad_token_id, identity) == {"skipped": [0, 1], "written": [2, 3]}
+            assert not half.exists()
+            # Targets of another teacher (another k) in the same directory are refused, naming the shard.
+            other = teacher_identity(cfg) | {"k": 4}
+            with pytest.raises(DataError, match=r"shard-00000-of-00004.parquet: scored with another teacher or other data \(differs in teacher\)"):
+                score_targets(cut, teacher, examples, "train", tok.pad_token_id, other)
+        finally:
+            teacher.shutdown()
+    names = sorted(p.name for p in (tmp_path / "whole" / "train").iterdir())
+    assert names == [f"shard-0000{i}-of-00004.parquet" for i in range(4)]
+    assert names == sorted(p.name for p in (tmp_path / "cut" / "train").iterdir())
+    for name in names:
+        a, b = pq.read_table(tmp_path / "whole" / "train" / name), pq.read_table(tmp_path / "cut" / "train" / name)
+        assert a.equals(b) and a.schema.metadata == b.schema.metadata
+    rows = [r for name in names for r in pq.read_table(tmp_path / "whole" / "train" / name).to_pylist()]
+    assert [r["row"] for r in rows] == list(range(len(examples)))
+    for r, ex in zip(rows, examples):
+        assert r["input_ids"] == ex["input_ids"] and r["positions"] == [t for t in range(1, len(ex["loss_mask"])) if ex["loss_mask"][t]]
+        assert all(len(ids) == 8 for ids in r["topk_ids"]) and len(r["tail_logp"]) == len(r["positions"])
+
+
+def losses(result, key="train/loss"):
+    return [h[key] for h in result["history"] if key in h]
+
+
+@pytest.mark.slow
+def test_logit_distillation_stored_and_streamed_targets_train_alike_and_resume_exactly(tmp_path, tiny_model_dir):
+    stored = run_distill(config(tmp_path, tiny_model_dir, "stored"))
+    assert stored["completed_steps"] == 4 and stored["student_params_ratio"] < 1
+    assert stored["scoring"]["train"] == {"skipped": [], "written": [0, 1, 2, 3]}
+    train = losses(stored)
+    assert all(0 < x < 100 for x in train) and train[-1] < train[0]
+    assert len(losses(stored, "validation/loss")) == 2
+    # The student was the teacher's first layer only, and is saved as a loadable checkpoint.
+    init = json.loads((tmp_path / "stored" / "student-init" / "config.json").read_text())
+    assert init["num_hidden_layers"] == 1
+
+    # Streamed: the teacher scores each step's rows (two steps ahead) while the student trains.
+    streamed = run_distill(config(tmp_path, tiny_model_dir, "streamed", targets={"source": "stream"}))
+    assert losses(streamed) == pytest.approx(train, rel=1e-6, abs=1e-7)
+
+    # Cut after step 2 and resumed: the same steps 3-4; the stored targets are reused, not scored again.
+    cut = config(tmp_path, tiny_model_dir, "cut")
+    first = run_distill(cut, stop_after=2)
+    assert first["scoring"]["train"] == {"skipped": [0, 1, 2, 3], "written": []}
+    resumed = run_distill(cut)
+    assert [h["step"] for h in resumed["history"]] == [3, 4]
+    assert losses(first) + losses(resumed) == pytest.approx(train, rel=1e-6, abs=1e-7)

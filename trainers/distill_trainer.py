@@ -1,0 +1,131 @@
+"""Logit distillation over a learner group: SFT's data plan and step loop, the teacher's top-k as
+the target (``trainers.distill.distill_loss``).
+
+Targets come from a provider with ``columns(row)`` (per-token ``t_ids``, ``t_logp``, ``t_tail``
+for training example ``row``): a ``tooltune.teacher_targets.TargetStore`` (Parquet scored once),
+or ``StreamedTargets`` (the sharded teacher scoring the next steps' rows while the student trains).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tooltune.teacher_targets import Example, target_columns, target_record
+from tooltune.tracking import MetricsLogger
+from trainers.distill import distill_loss
+from trainers.group import LearnerGroup
+from trainers.packing import global_batch_indices, loss_tokens, rank_micro_batches
+from trainers.sft import SFTTrainConfig, SFTTrainer
+
+
+class Targets(Protocol):
+    def columns(self, row: int) -> dict[str, list]: ...
+
+
+class StreamedTargets:
+    """Targets scored online: the sharded teacher works on the rows of steps ``step + 1 ..
+    step + ahead`` (object refs in flight, through the object store) while the student trains on
+    ``step``; a step's rows are collected when it starts. Held: the steps in flight, not the data set."""
+
+    def __init__(self, teacher, examples: Sequence[Example], rows_of: Callable[[int], list[int]], total_steps: int,
+                 ahead: int, micro_batch_size: int, pad_id: int):  # fmt: skip
+        self.teacher, self.examples, self.rows_of, self.total = teacher, examples, rows_of, total_steps
+        self.ahead, self.micro, self.pad_id = ahead, micro_batch_size, pad_id
+        self.pending: dict[int, tuple[list[int], list[list[list[int]]], list[Any]]] = {}
+        self.ready: dict[int, dict[str, list]] = {}
+
+    def _submit(self, step: int) -> None:
+        from trainers.teacher import padded_micro_batches
+
+        rows = list(dict.fromkeys(self.rows_of(step)))
+        groups, batches = padded_micro_batches([list(self.examples[r]["input_ids"]) for r in rows], self.micro, self.pad_id)
+        self.pending[step] = (rows, groups, [self.teacher.submit(b) for b in batches])
+
+    def begin(self, step: int) -> None:
+        """Collect ``step``'s targets (scoring them now if they were not sent ahead) and send the
+        next ``ahead`` steps' rows to the teacher."""
+        import ray
+
+        from trainers.teacher import unpad_scores
+
+        for s in range(step, min(self.total, step + self.ahead + 1)):
+            if s not in self.pending:
+                self._submit(s)
+        rows, groups, refs = self.pending.pop(step)
+        scores = unpad_scores(groups, ray.get(refs))
+        self.ready = {r: target_columns(target_record(r, self.examples[r], sc)) for r, sc in zip(rows, scores)}
+
+    def columns(self, row: int) -> dict[str, list]:
+        return self.ready[row]
+
+
+class DistillTrainer(SFTTrainer):
+    desc = "distill"
+
+    def __init__(
+        self,
+        group: LearnerGroup,
+        tokenizer,
+        train: list[Example],
+        validation: list[Example],
+        targets: Targets,
+        validation_targets: Targets | None,
+        cfg: SFTTrainConfig,
+        loss: dict[str, Any],
+        output_dir: str | Path,
+        logger: MetricsLogger | None = None,
+        tool_eval: Callable[[], dict[str, Any]] | None = None,
+        tool_eval_every: int | None = None,
+    ):
+        """``loss``: ``distill_loss``'s keyword arguments (kind, temperature, beta, ce_weight)."""
+        self.targets, self.validation_targets = targets, validation_targets
+        self.loss = functools.partial(distill_loss, **loss)
+        super().__init__(group, tokenizer, train, validation, cfg, output_dir, logger, tool_eval, tool_eval_every)
+
+    def rows_of(self, step: int) -> list[int]:
+        return global_batch_indices(len(self.train), self.global_batch, step, self.cfg.seed)
+
+    @staticmethod
+    def batch(rows: list[int], examples: Sequence[Example], targets: Targets) -> dict[str, list]:
+        """Unpadded per-token columns of ``rows`` (the learner pads them)."""
+        out: dict[str, list] = {"input_ids": [], "loss_mask": [], "t_ids": [], "t_logp": [], "t_tail": []}
+        for r in rows:
+            out["input_ids"].append(list(examples[r]["input_ids"]))
+            out["loss_mask"].append(list(examples[r]["loss_mask"]))
+            for key, col in targets.columns(r).items():
+                out[key].append(col)
+        return out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        if isinstance(self.targets, StreamedTargets):
+            self.targets.begin(step)
+        indices = self.rows_of(step)
+        plan = rank_micro_batches(indices, self.world, self.micro, self.accum)
+        tokens = loss_tokens([self.train[i] for i in indices])
+        per_rank = [([self.batch(mb, self.train, self.targets) for mb in plan[r]], self.loss, tokens) for r in range(self.world)]
+        stats = self.group.each("train_step", per_rank)
+        return {
+            "train/loss": sum(s["distill_sum"] for s in stats) / max(1, tokens),
+            "train/top1_agree": sum(s["top1_agree"] for s in stats) / max(1, tokens),
+            "train/lr": stats[0]["lr"],
+            "train/tokens": tokens,
+        }
+
+    def validate(self) -> dict[str, float]:
+        """The distillation loss and top-1 agreement over every validation token."""
+        if not self.validation or self.validation_targets is None:
+            return {}
+        per_rank = []
+        for r in range(self.world):
+            rows = list(range(len(self.validation)))[r :: self.world]
+            mbs = [rows[i : i + self.micro] for i in range(0, len(rows), self.micro)]
+            per_rank.append(([self.batch(mb, self.validation, self.validation_targets) for mb in mbs], self.loss))
+        stats = self.group.each("eval_loss", per_rank)
+        tokens = max(1.0, sum(s.get("tokens", 0.0) for s in stats))
+        return {
+            "validation/loss": sum(s.get("distill_sum", 0.0) for s in stats) / tokens,
+            "validation/top1_agree": sum(s.get("top1_agree", 0.0) for s in stats) / tokens,
+        }
