@@ -10,6 +10,7 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
 
 
 def job_class(name: str):
+    from ray_jobs.distill import DistillConfig
     from ray_jobs.evaluate import EvalConfig
     from ray_jobs.ppo import PPOConfig
     from ray_jobs.preferences import PreferencesConfig
@@ -19,7 +20,7 @@ def job_class(name: str):
 
     jobs = {"smoke": SmokeConfig, "sft": SFTConfig, "evaluate": EvalConfig}
     # A variant names its job before a dash: sft-overcall.yaml is an SFT config.
-    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig})[name.split("-")[0]]
+    return (jobs | {"preferences": PreferencesConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig, "distill": DistillConfig})[name.split("-")[0]]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
