@@ -10,7 +10,10 @@ with the same teacher and data) or streamed to the student a bounded number of s
 the student learns on ZeRO data-parallel learners (``trainers.distill_trainer``), checkpointed
 and resumable like SFT -> optionally, the evaluation job on the final checkpoint.
 
-Mode ``logit`` (the teacher's distribution per token) is what this job runs today.
+Modes: ``logit`` (the teacher's distribution per token, as above) and ``response`` (the teacher
+answers the training tasks in the real tool loop through vLLM rollout workers; episodes with
+format errors, schema violations, hallucinated tools, wrong calls or wrong answers are dropped and
+counted; the student does SFT on the rest). Feature-based and on-policy modes are to come.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pydantic import Field, model_validator
 from cluster.local import RayConfig, local_ray
 from cluster.placement import RoleConfig
 from ray_jobs._cli import job_config, user_errors
+from ray_jobs.evaluate import WorkerSettings
 from ray_jobs.sft import SFTEvalSettings, prepare_run_dir
+from rollout.agent_loop import LoopConfig
 from tooltune.config import StrictModel, save_config
 from tooltune.provenance import provenance
 from trainers.distill import Divergence
@@ -71,9 +76,23 @@ class DistillLossSettings(StrictModel):
     ce_weight: float = Field(0.0, ge=0, le=1)  # mix of the data's next-token NLL
 
 
+class ResponseSettings(StrictModel):
+    """Response mode: the teacher answers the training tasks in the real tool loop (vLLM rollout
+    workers); episodes that fail the filter (``tooltune.response_filter``) are dropped."""
+
+    workers: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
+    rollout: WorkerSettings = WorkerSettings()
+    loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=2048, sampling={"temperature": 0.0})
+    limit: int | None = Field(None, ge=1)  # the first N training tasks; None: all
+    check_calls: bool = True  # drop episodes whose calls are not exactly the expected ones
+
+
 class DistillConfig(StrictModel):
-    mode: Literal["logit"] = "logit"
+    # logit: the teacher's top-k per token (sharded teacher); response: SFT on the teacher's
+    # filtered episodes (rollout workers). Feature and on-policy modes are to come.
+    mode: Literal["logit", "response"] = "logit"
     teacher: TeacherSettings
+    response: ResponseSettings = ResponseSettings()
     targets: TargetSettings = TargetSettings()
     student: StudentSettings
     ray: RayConfig = RayConfig()
@@ -188,6 +207,26 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
 
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
     scoring: dict[str, Any] = {}
+    if cfg.mode == "response":
+        from trainers.sft import SFTTrainer
+
+        with local_ray(cfg.ray):
+            t_gen = time.time()
+            kept, scoring = teacher_responses(cfg, tokenizer, out)
+            scoring["seconds"] = round(time.time() - t_gen, 1)
+            if not kept:
+                dropped = ", ".join(f"{k} {v}" for k, v in scoring.items() if k not in ("episodes", "kept", "seconds", "reused") and v)
+                raise DataError(f"response mode: none of the teacher's {scoring['episodes']} episodes passed the filter ({dropped})")
+            train = training_rows(tokenize_all(tokenizer, kept, [], cfg.train.seq_len, loss_on), cfg.train)
+            steps = planned_steps(len(train), global_batch, cfg.train)
+            learner = learner.model_copy(update={"total_steps": cfg.learner.total_steps or steps})
+            group = LearnerGroup("distill-learners", cfg.learners, learner)
+            try:
+                trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
+                history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
+            finally:
+                group.shutdown()
+            return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
     with local_ray(cfg.ray):
         teacher = make_teacher(cfg)
         try:
@@ -216,14 +255,19 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
         finally:
             if teacher is not None:
                 teacher.shutdown()
-        train_seconds = time.time() - t0
-        final = trainer.ckpt.latest()
-        evaluation = None
-        if cfg.evaluation.enabled and final is not None and stop_after is None:
-            from ray_jobs.evaluate import run_evaluation
+        return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
 
-            eval_cfg = evaluation_config(cfg, str(final / "model"), out / "eval", label=f"distill {out.name}")
-            evaluation = run_evaluation(eval_cfg)["world"]["test"]
+
+def _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after) -> dict:
+    """Evaluate the final checkpoint (when asked, inside the job's Ray) and write ``result.json``."""
+    train_seconds = time.time() - t0
+    final = trainer.ckpt.latest()
+    evaluation = None
+    if cfg.evaluation.enabled and final is not None and stop_after is None:
+        from ray_jobs.evaluate import run_evaluation
+
+        eval_cfg = evaluation_config(cfg, str(final / "model"), out / "eval", label=f"distill {out.name}")
+        evaluation = run_evaluation(eval_cfg)["world"]["test"]
     logger.close()
     result = {
         "mode": cfg.mode,
@@ -236,11 +280,53 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
         "steps": trainer.total_steps,
         "completed_steps": history[-1]["step"] if history else 0,
         "history": history,
+        "train_tokens": sum(h.get("train/tokens", 0) for h in history),
         "wall_seconds": round(train_seconds, 1),
         "evaluation": evaluation,
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def teacher_responses(cfg: DistillConfig, tokenizer, out: Path) -> tuple[list, dict[str, Any]]:
+    """The teacher's kept episodes on the training tasks as (messages, tools), and the filter's
+    counts; generated once into ``out/responses`` (reused while the teacher and settings match)."""
+    import ray
+
+    from rollout.agent_loop import run_episodes
+    from rollout.vllm_worker import RolloutWorker
+    from cluster.placement import RoleGroup
+    from tooltune.response_filter import filter_episodes
+    from tooltune.teacher_targets import checkpoint_digest
+    from tooltune.world import generate_world, world_registry
+
+    if cfg.data.world is None:
+        raise ValueError("response mode needs data.world: the teacher answers its training tasks")
+    where = out / "responses"
+    stamp = {"teacher": checkpoint_digest(cfg.teacher.model), "response": cfg.response.model_dump(mode="json"),
+             "world": cfg.data.world.model_dump(mode="json")}  # fmt: skip
+    done = where / "counts.json"
+    if done.exists() and json.loads(done.read_text()).get("stamp") == stamp:
+        saved = json.loads(done.read_text())
+        rows = [json.loads(line) for line in (where / "conversations.jsonl").read_text().splitlines()]
+        return [(r["messages"], r["tools"]) for r in rows], saved["counts"] | {"reused": True}
+    tasks = generate_world(cfg.data.world)["train"][: cfg.response.limit]
+    group = RoleGroup("distill-responses", cfg.response.workers)
+    engine = cfg.response.rollout.model_dump() | {"model": cfg.teacher.model}
+    workers = group.spawn(RolloutWorker, lambda rank: ({**engine, "seed": engine["seed"] + rank},))
+    try:
+        runs = run_episodes(tasks, workers, tokenizer, cfg.response.loop, world_registry(cfg.data.world))
+    finally:
+        ray.get([w.shutdown.remote() for w in workers])
+        group.remove()
+    episodes = [run.episode for run in runs]
+    samples = cfg.response.loop.samples_per_task
+    kept, counts = filter_episodes([t for t in tasks for _ in range(samples)], episodes, cfg.response.check_calls)
+    where.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"messages": m, "tools": t}) + "\n" for m, t in kept)
+    (where / "conversations.jsonl").write_text(lines)
+    done.write_text(json.dumps({"stamp": stamp, "counts": counts}, indent=1))
+    return kept, counts
 
 
 class _MemoryTargets:

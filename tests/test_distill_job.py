@@ -107,3 +107,23 @@ def test_logit_distillation_stored_and_streamed_targets_train_alike_and_resume_e
     resumed = run_distill(cut)
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     assert losses(first) + losses(resumed) == pytest.approx(train, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_response_mode_runs_the_teacher_in_the_tool_loop_and_counts_what_the_filter_drops(tmp_path, tiny_model_dir):
+    # An untrained teacher: every episode fails the filter, and the job says so instead of
+    # training on nothing. The episodes are generated once and reused by the next run.
+    cfg = config(tmp_path, tiny_model_dir, "response", mode="response",
+                 response={"limit": 6, "workers": {"num_ranks": 1, "cpus": 0.5},
+                           "rollout": {"max_model_len": 1024},
+                           "loop": {"max_turns": 2, "max_new_tokens": 8, "max_total_tokens": 1024}})  # fmt: skip
+    with pytest.raises(DataError, match=r"none of the teacher's 6 episodes passed the filter \(.*no_final_answer"):
+        run_distill(cfg)
+    saved = json.loads((tmp_path / "response" / "responses" / "counts.json").read_text())["counts"]
+    assert saved["episodes"] == 6 and saved["kept"] == 0
+    assert sum(v for k, v in saved.items() if k not in ("episodes", "kept")) == 6
+    counts = tmp_path / "response" / "responses" / "counts.json"
+    written = counts.stat().st_mtime_ns
+    with pytest.raises(DataError, match="none of the teacher's 6 episodes"):
+        run_distill(cfg.model_copy(update={"resume": False}))
+    assert counts.stat().st_mtime_ns == written  # reused, not generated again
