@@ -17,6 +17,11 @@
    Writes ``topk_memory_ratio`` (top-k extra peak / full-vocab extra peak) and
    ``topk_time_over_floor`` (top-k step time / floor step time).
 
+2. ``pipeline``: teacher scoring throughput (tokens/s, top-k of every position) of the sharded
+   teacher with 1 stage and with 2 stages, on the same sequences (the smol tier's SFT
+   conversations, SmolLM2-135M), the machine's CPUs split evenly over the stages; the two
+   settings are taken in turn, ``reps`` times each. Writes ``pipeline_speedup`` (2 stages / 1).
+
 Writes ``benchmarks/results/distill.json`` (each part's keys; a part run again replaces its own
 keys and leaves the other parts' as recorded) and a section of ``RESULTS.md``.
 """
@@ -164,12 +169,86 @@ def loss_summary(r: dict[str, Any]) -> str:
     )
 
 
+# ---- part 2: the pipeline ----------------------------------------------------------------------
+
+
+def pipeline_sequences(n: int, seq_len: int, model_dir: str) -> list[list[int]]:
+    """The first ``n`` training conversations of the smol SFT world, tokenized for ``model_dir``."""
+    from transformers import AutoTokenizer
+
+    from ray_jobs.sft import SFTConfig
+    from tooltune.config import load_config
+    from trainers.sft import load_sft_conversations, tokenize_all
+
+    data = load_config("configs/smol/sft.yaml", SFTConfig, [f"data.limit={n}"]).data
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [ex["input_ids"] for ex in tokenize_all(tok, load_sft_conversations(data)[0][:n], [], seq_len)]
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    from cluster.local import local_ray
+    from tooltune.models import resolve_model
+    from trainers.teacher import ShardedTeacher
+
+    model = resolve_model(args.model)
+    seqs = pipeline_sequences(args.sequences, args.seq_len, model)
+    tokens = sum(map(len, seqs))
+    cpus = float(len(os.sched_getaffinity(0)))
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    with local_ray(), OtherCpuShare() as others:
+        # In turn, one teacher at a time (it holds the CPUs), each warmed up on one micro-batch.
+        for _ in range(args.reps):
+            for stages in (1, 2):
+                teacher = ShardedTeacher(model, stages=stages, k=args.k, cpus_per_stage=cpus / stages, dtype=args.teacher_dtype,
+                                         max_in_flight=args.max_in_flight, name=f"teacher-{stages}")  # fmt: skip
+                try:
+                    teacher.score_sequences(seqs[: args.micro_batch_size], args.micro_batch_size, 0)
+                    start = time.perf_counter()
+                    teacher.score_sequences(seqs, args.micro_batch_size, 0)
+                    rates[stages].append(tokens / (time.perf_counter() - start))
+                finally:
+                    teacher.shutdown()
+    med = {s: statistics.median(r) for s, r in rates.items()}
+    return {
+        "pipeline_speedup": round(med[2] / med[1], 4),
+        "pipeline": {
+            "model": args.model, "dtype": args.teacher_dtype, "sequences": len(seqs), "tokens": tokens, "k": args.k,
+            "micro_batch_size": args.micro_batch_size, "max_in_flight": args.max_in_flight, "cpus": cpus, "reps": args.reps,
+            "tokens_per_s_median": {f"{s}_stage": round(v, 1) for s, v in med.items()},
+            "tokens_per_s": {f"{s}_stage": [round(x, 1) for x in r] for s, r in rates.items()},
+            "others_cpu_share": others.value,
+        },
+    }  # fmt: skip
+
+
+def pipeline_summary(r: dict[str, Any]) -> str:
+    p = r["pipeline"]
+    med = p["tokens_per_s_median"]
+    return "\n".join(
+        [
+            f"Teacher scoring (top-{p['k']} of every position) of {p['sequences']} tool-world conversations "
+            f"({p['tokens']} tokens), {p['model']} {p['dtype']}, micro-batches of {p['micro_batch_size']}, "
+            f"up to {p['max_in_flight']} in flight; {p['cpus']:g} CPUs split over the stages; medians of {p['reps']} runs.",
+            "",
+            "| stages | tokens/s |",
+            "|---|---|",
+            f"| 1 | {med['1_stage']} |",
+            f"| 2 | {med['2_stage']} |",
+            "",
+            f"**pipeline_speedup {r['pipeline_speedup']:.3f}** (2 stages / 1 stage).",
+        ]
+    )
+
+
 # ---- recording ----------------------------------------------------------------------------------
 
 
-def record(part: str, part_result: dict[str, Any], summary: str, settings: dict[str, Any]) -> Path:
-    """This part's keys replace their previous values in ``distill.json``; the others stay."""
-    path = RESULTS / f"{NAME}.json"
+def record(part: str, part_result: dict[str, Any], summary: str, settings: dict[str, Any], root: Path | None = None) -> Path:
+    """This part's keys replace their previous values in ``distill.json``; the others stay.
+    ``root``: the benchmarks directory (tests point it elsewhere)."""
+    path = (root / "results" if root else RESULTS) / f"{NAME}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     info = machine_info()
     parts = previous.get("parts", {})
@@ -177,12 +256,12 @@ def record(part: str, part_result: dict[str, Any], summary: str, settings: dict[
     result = {k: v for k, v in previous.items() if k not in ("parts", "machine", "date")} | part_result
     result |= info | {"parts": parts}
     body = "\n\n".join(f"### {name}\n\n{p['summary']}" for name, p in parts.items())
-    return write_result(NAME, result, body)
+    return write_result(NAME, result, body, root=root)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["loss"], required=True)
+    p.add_argument("--part", choices=["loss", "pipeline"], required=True)
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition; prints, writes nothing")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=49152)
@@ -191,16 +270,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--model", default="smollm2", help="pipeline: the teacher ('smollm2', 'tiny' or a path)")
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--max-in-flight", type=int, default=4)
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.vocab, args.reps = 256, 4096, 1
+        args.tokens, args.vocab, args.reps, args.sequences = 256, 4096, 1, 8
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run_loss(args)
-    summary = loss_summary(result)
+    run, summarise = {"loss": (run_loss, loss_summary), "pipeline": (run_pipeline, pipeline_summary)}[args.part]
+    result = run(args)
+    summary = summarise(result)
     if not args.quick:
         print(f"wrote {record(args.part, result, summary, {k: v for k, v in vars(args).items() if k != 'quick'})}")
     print(summary)
