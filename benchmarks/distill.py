@@ -22,6 +22,15 @@
    conversations, SmolLM2-135M), the machine's CPUs split evenly over the stages; the two
    settings are taken in turn, ``reps`` times each. Writes ``pipeline_speedup`` (2 stages / 1).
 
+3. ``learning``: teacher = the tiny tier's recorded SFT model, student = its first layer plus
+   LoRA (``configs/tiny/distill.yaml``), each mode at the same steps and batch (the token count
+   each trained on is recorded); teacher and students scored on the held-out split of the
+   teacher's world. ``--trial NAME [--set k=v ...]`` scores validation only (trials[NAME]); the
+   record (no ``--trial``) scores test, once. Writes ``teacher_accuracy``, ``student_accuracy``
+   (logit mode), ``student_retention`` (student / teacher exact-call accuracy),
+   ``response_based_accuracy``, ``on_policy_accuracy`` (None: the mode is not built yet) and
+   ``student_params_ratio`` (all parameters, embeddings included, tied ones once).
+
 Writes ``benchmarks/results/distill.json`` (each part's keys; a part run again replaces its own
 keys and leaves the other parts' as recorded) and a section of ``RESULTS.md``.
 """
@@ -242,6 +251,76 @@ def pipeline_summary(r: dict[str, Any]) -> str:
     )
 
 
+# ---- part 3: learning ---------------------------------------------------------------------------
+
+TEACHER_RUN = "runs/bench-sft/tiny-trial-single-digits-10k"  # the tiny tier's recorded SFT (benchmarks/results/sft.json)
+DISTILL_CONFIG = "configs/tiny/distill.yaml"
+RUNS = Path("runs/bench-distill")
+MODES = ("logit", "response")
+
+
+def run_learning(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.sft import score
+    from ray_jobs.distill import RUN_INDEPENDENT_KEYS, DistillConfig, run_distill
+    from ray_jobs.sft import SFTConfig, saved_config_changes
+    from tooltune.config import ConfigError, load_config
+    from tooltune.models import resolve_model
+
+    split = "validation" if args.trial else "test"
+    teacher = resolve_model(args.teacher)
+    sft = load_config("configs/tiny/sft.yaml", SFTConfig, ["evaluation.enabled=false"])
+    name = f"trial-{args.trial}" if args.trial else "record"
+
+    def accuracy(model: str, where: Path, label: str) -> dict[str, Any]:
+        cell = score(sft, model, split, None, where, label)["all"]["argument_accuracy"]
+        return {"exact_call_accuracy": cell["value"], "ci95": cell["ci95"]}
+
+    result: dict[str, Any] = {"split": split, "teacher": teacher, "overrides": list(args.set), "selected_on": "validation"}
+    result["teacher_scores"] = accuracy(teacher, RUNS / f"teacher-eval-{split}", "teacher (tiny SFT)")
+    students = {}
+    for mode in args.modes:
+        overrides = [f"teacher.model={teacher}", f"mode={mode}", f"output_dir={RUNS / f'{name}-{mode}'}", "resume=true", *args.set]
+        cfg = load_config(DISTILL_CONFIG, DistillConfig, overrides)
+        out = Path(cfg.output_dir)
+        try:
+            changes = saved_config_changes(out, cfg, RUN_INDEPENDENT_KEYS)
+        except (OSError, ConfigError):
+            changes = None
+        done = out / "result.json"
+        finished = changes == [] and done.exists() and json.loads(done.read_text())["completed_steps"] == json.loads(done.read_text())["steps"]
+        trained = json.loads(done.read_text()) if finished else run_distill(cfg)
+        students[mode] = {
+            "run_dir": str(out), "steps": trained["steps"], "train_tokens": trained.get("train_tokens"),
+            "wall_seconds": trained["wall_seconds"], "student_params_ratio": trained["student_params_ratio"],
+            "scoring": trained["scoring"], **accuracy(trained["checkpoint"], out / f"eval_{split}", f"student ({mode})"),
+        }  # fmt: skip
+    result["students"] = students
+    t = result["teacher_scores"]["exact_call_accuracy"]
+    logit, response = students.get("logit"), students.get("response")
+    result |= {
+        "teacher_accuracy": t,
+        "student_accuracy": logit["exact_call_accuracy"] if logit else None,
+        "student_retention": round(logit["exact_call_accuracy"] / t, 4) if logit and t else None,
+        "response_based_accuracy": response["exact_call_accuracy"] if response else None,
+        "on_policy_accuracy": None,
+        "student_params_ratio": next(iter(students.values()))["student_params_ratio"] if students else None,
+    }
+    return result
+
+
+def learning_summary(r: dict[str, Any]) -> str:
+    rows = ["| model | exact-call accuracy (95% CI) | steps | training tokens |", "|---|---|---|---|"]
+    t = r["teacher_scores"]
+    rows.append(f"| teacher (tiny SFT) | {t['exact_call_accuracy']:.3f} {t['ci95']} | | |")
+    for mode, s in r["students"].items():
+        rows.append(f"| student, {mode} | {s['exact_call_accuracy']:.3f} {s['ci95']} | {s['steps']} | {s['train_tokens']} |")
+    return "\n".join(
+        [f"Tiny tier, {r['split']} split; student = the teacher's first layer + LoRA, "
+         f"{r['student_params_ratio']} of its parameters.", "", *rows, "",
+         f"**student_retention {r['student_retention']}** (logit student / teacher)."]  # fmt: skip
+    )
+
+
 # ---- recording ----------------------------------------------------------------------------------
 
 
@@ -261,7 +340,11 @@ def record(part: str, part_result: dict[str, Any], summary: str, settings: dict[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["loss", "pipeline"], required=True)
+    p.add_argument("--part", choices=["loss", "pipeline", "learning"], required=True)
+    p.add_argument("--trial", help="learning: record as trials[NAME], scored on validation only")
+    p.add_argument("--set", nargs="*", default=[], help="learning: overrides of configs/tiny/distill.yaml")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    p.add_argument("--teacher", default=TEACHER_RUN, help="learning: the teacher run or checkpoint")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition; prints, writes nothing")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=49152)
@@ -284,11 +367,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run, summarise = {"loss": (run_loss, loss_summary), "pipeline": (run_pipeline, pipeline_summary)}[args.part]
+    parts = {"loss": (run_loss, loss_summary), "pipeline": (run_pipeline, pipeline_summary), "learning": (run_learning, learning_summary)}
+    run, summarise = parts[args.part]
     result = run(args)
     summary = summarise(result)
-    if not args.quick:
-        print(f"wrote {record(args.part, result, summary, {k: v for k, v in vars(args).items() if k != 'quick'})}")
+    settings = {k: v for k, v in vars(args).items() if k != "quick"}
+    if args.part == "learning" and args.trial:
+        # A trial is kept beside the record, never in its keys.
+        path = RESULTS / f"{NAME}.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        trials = previous.get("trials", {}) | {args.trial: result | {"summary": summary}}
+        text = "\n\n".join(f"Trial {n} (validation):\n\n{t['summary']}" for n, t in trials.items())
+        print(f"wrote {record('trials', {'trials': trials}, text, settings)}")
+    elif not args.quick:
+        print(f"wrote {record(args.part, result, summary, settings)}")
     print(summary)
 
 

@@ -330,10 +330,10 @@ def teacher_responses(cfg: DistillConfig, tokenizer, out: Path) -> tuple[list, d
 
 
 class _MemoryTargets:
-    def __init__(self, columns: dict[int, dict[str, list]]):
+    def __init__(self, columns: dict[int, dict[str, Any]]):
         self._columns = columns
 
-    def columns(self, row: int) -> dict[str, list]:
+    def columns(self, row: int) -> dict[str, Any]:
         return self._columns[row]
 
 

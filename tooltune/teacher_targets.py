@@ -183,30 +183,36 @@ class TargetStore:
         missing = sorted(set(range(self.writer.total)) - set(self.writer.done()))
         if missing:
             raise DataError(f"{directory}: {len(missing)} of {self.writer.total} shards not scored yet (first: {missing[0]})")
-        self._cache: dict[int, dict[int, dict[str, Any]]] = {}
+        self._cache: dict[int, tuple[Any, dict[int, int]]] = {}
 
-    def _shard(self, index: int) -> dict[int, dict[str, Any]]:
+    def _shard(self, index: int):
+        """Shard ``index`` as an Arrow table (compact; rows become Python values only when asked),
+        and its rows' positions in it; the last few shards read stay in memory."""
         import pyarrow.parquet as pq
 
         if index not in self._cache:
             if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
-            path = self.writer.dir / shard_name(index, self.writer.total)
-            self._cache[index] = {r["row"]: r for r in pq.read_table(path).to_pylist()}
+            table = pq.read_table(self.writer.dir / shard_name(index, self.writer.total))
+            self._cache[index] = (table, {r: i for i, r in enumerate(table.column("row").to_pylist())})
         return self._cache[index]
 
-    def columns(self, row: int) -> dict[str, list]:
+    def columns(self, row: int) -> dict[str, np.ndarray]:
         """Per-token columns for example ``row``, aligned with its input_ids (zeros where no loss):
-        ``t_ids`` [T][k], ``t_logp`` [T][k], ``t_tail`` [T]."""
-        return target_columns(self._shard(row // self.writer.rows_per_shard)[row])
+        ``t_ids`` [T, k], ``t_logp`` [T, k], ``t_tail`` [T]."""
+        table, where = self._shard(row // self.writer.rows_per_shard)
+        return target_columns(table.slice(where[row], 1).to_pylist()[0])
 
 
-def target_columns(rec: dict[str, Any]) -> dict[str, list]:
-    """A stored record (``positions``, ``topk_*``, ``tail_logp``) as per-token columns over its input_ids."""
-    n, k = len(rec["input_ids"]), len(rec["topk_ids"][0]) if rec["topk_ids"] else 1
-    ids = [[0] * k for _ in range(n)]
-    logp = [[0.0] * k for _ in range(n)]
-    tail = [0.0] * n
-    for p, i, lp, tl in zip(rec["positions"], rec["topk_ids"], rec["topk_logp"], rec["tail_logp"]):
-        ids[p], logp[p], tail[p] = list(i), list(lp), tl
+def target_columns(rec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A stored record (``positions``, ``topk_*``, ``tail_logp``) as per-token arrays over its
+    input_ids: ``t_ids`` int64 [T, k], ``t_logp`` float32 [T, k], ``t_tail`` float32 [T], zeros
+    at positions without loss."""
+    n, pos = len(rec["input_ids"]), np.asarray(rec["positions"], dtype=np.int64)
+    k = len(rec["topk_ids"][0]) if len(rec["topk_ids"]) else 1
+    ids, logp, tail = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.float32)
+    if len(pos):
+        ids[pos] = np.asarray(rec["topk_ids"], dtype=np.int64)
+        logp[pos] = np.asarray(rec["topk_logp"], dtype=np.float32)
+        tail[pos] = np.asarray(rec["tail_logp"], dtype=np.float32)
     return {"t_ids": ids, "t_logp": logp, "t_tail": tail}

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from tooltune.teacher_targets import Example, target_columns, target_record
 from tooltune.tracking import MetricsLogger
 from trainers.distill import distill_loss
@@ -22,7 +24,7 @@ from trainers.sft import SFTTrainConfig, SFTTrainer
 
 
 class Targets(Protocol):
-    def columns(self, row: int) -> dict[str, list]: ...
+    def columns(self, row: int) -> dict[str, Any]: ...
 
 
 class StreamedTargets:
@@ -35,7 +37,7 @@ class StreamedTargets:
         self.teacher, self.examples, self.rows_of, self.total = teacher, examples, rows_of, total_steps
         self.ahead, self.micro, self.pad_id = ahead, micro_batch_size, pad_id
         self.pending: dict[int, tuple[list[int], list[list[list[int]]], list[Any]]] = {}
-        self.ready: dict[int, dict[str, list]] = {}
+        self.ready: dict[int, dict[str, Any]] = {}
 
     def _submit(self, step: int) -> None:
         from trainers.teacher import padded_micro_batches
@@ -58,7 +60,7 @@ class StreamedTargets:
         scores = unpad_scores(groups, ray.get(refs))
         self.ready = {r: target_columns(target_record(r, self.examples[r], sc)) for r, sc in zip(rows, scores)}
 
-    def columns(self, row: int) -> dict[str, list]:
+    def columns(self, row: int) -> dict[str, Any]:
         return self.ready[row]
 
 
@@ -90,13 +92,13 @@ class DistillTrainer(SFTTrainer):
 
     @staticmethod
     def batch(rows: list[int], examples: Sequence[Example], targets: Targets) -> dict[str, list]:
-        """Unpadded per-token columns of ``rows`` (the learner pads them)."""
+        """Unpadded per-token columns of ``rows`` (the learner pads them; targets as tensors)."""
         out: dict[str, list] = {"input_ids": [], "loss_mask": [], "t_ids": [], "t_logp": [], "t_tail": []}
         for r in rows:
             out["input_ids"].append(list(examples[r]["input_ids"]))
             out["loss_mask"].append(list(examples[r]["loss_mask"]))
             for key, col in targets.columns(r).items():
-                out[key].append(col)
+                out[key].append(torch.as_tensor(col))
         return out
 
     def train_step(self, step: int) -> dict[str, float]:
