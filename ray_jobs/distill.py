@@ -33,6 +33,7 @@ from ray_jobs.sft import SFTEvalSettings, prepare_run_dir
 from rollout.agent_loop import LoopConfig
 from tooltune.config import StrictModel, save_config
 from tooltune.provenance import provenance
+from tooltune.weights import WeightSyncConfig
 from trainers.distill import Divergence
 from trainers.learner import LearnerConfig, LoraConfig
 from trainers.sft import SFTDataConfig, SFTTrainConfig
@@ -87,12 +88,27 @@ class ResponseSettings(StrictModel):
     check_calls: bool = True  # drop episodes whose calls are not exactly the expected ones
 
 
+class OnPolicySettings(StrictModel):
+    """On-policy mode: the student samples episodes (its rollout workers, weights synced after
+    every update, as in PPO), the teacher scores the student's tokens (``loss.kind``: reverse_kl
+    is the usual choice). Rows per step: ``prompts_per_step`` x ``loop.samples_per_task``."""
+
+    workers: RoleConfig = RoleConfig(num_ranks=1, cpus=1.0)
+    rollout: WorkerSettings = WorkerSettings()
+    loop: LoopConfig = LoopConfig(max_turns=4, max_new_tokens=160, max_total_tokens=2048, samples_per_task=2)
+    prompts_per_step: int = Field(8, ge=1)
+    eval_limit: int = Field(50, ge=1)  # validation tasks the workers run (greedy) every train.eval_every steps
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+
 class DistillConfig(StrictModel):
-    # logit: the teacher's top-k per token (sharded teacher); response: SFT on the teacher's
-    # filtered episodes (rollout workers). Feature and on-policy modes are to come.
-    mode: Literal["logit", "response"] = "logit"
+    # logit: the teacher's top-k per token of the data (sharded teacher); response: SFT on the
+    # teacher's filtered episodes (rollout workers); on_policy: the teacher's top-k on the
+    # student's own episodes. The feature-based mode is to come.
+    mode: Literal["logit", "response", "on_policy"] = "logit"
     teacher: TeacherSettings
     response: ResponseSettings = ResponseSettings()
+    on_policy: OnPolicySettings = OnPolicySettings()
     targets: TargetSettings = TargetSettings()
     student: StudentSettings
     ray: RayConfig = RayConfig()
@@ -105,6 +121,25 @@ class DistillConfig(StrictModel):
     output_dir: str = "runs/distill"
     resume: bool = True
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.mode == "on_policy":
+            op, lc = self.on_policy, self.learner
+            rows = op.prompts_per_step * op.loop.samples_per_task
+            per_step = self.learners.num_ranks * lc.micro_batch_size * lc.grad_accum_steps
+            if rows != per_step:
+                raise ValueError(
+                    f"on_policy.prompts_per_step x on_policy.loop.samples_per_task = {rows} rows per step, but learners.num_ranks "
+                    f"x learner.micro_batch_size x learner.grad_accum_steps = {per_step}: they must be equal"
+                )
+            if self.train.max_steps is None:
+                raise ValueError("on_policy mode needs train.max_steps (there is no fixed data set to count epochs over)")
+            if lc.lora is not None and not (op.rollout.enable_lora and op.rollout.max_lora_rank >= lc.lora.r):
+                raise ValueError(f"learner.lora (r={lc.lora.r}) syncs an adapter: set on_policy.rollout.enable_lora and max_lora_rank >= r")
+            if op.loop.max_total_tokens > op.rollout.max_model_len:
+                raise ValueError(f"on_policy.loop.max_total_tokens exceeds on_policy.rollout.max_model_len ({op.rollout.max_model_len})")
+        return self
 
     def targets_dir(self) -> Path:
         return Path(self.targets.dir) if self.targets.dir else Path(self.output_dir) / "targets"
@@ -227,6 +262,10 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
             finally:
                 group.shutdown()
             return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
+    if cfg.mode == "on_policy":
+        with local_ray(cfg.ray):
+            trainer, history = run_on_policy(cfg, tokenizer, student, learner, loss, pad, out, logger, stop_after)
+            return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
     with local_ray(cfg.ray):
         teacher = make_teacher(cfg)
         try:
@@ -327,6 +366,71 @@ def teacher_responses(cfg: DistillConfig, tokenizer, out: Path) -> tuple[list, d
     (where / "conversations.jsonl").write_text(lines)
     done.write_text(json.dumps({"stamp": stamp, "counts": counts}, indent=1))
     return kept, counts
+
+
+def run_on_policy(cfg: DistillConfig, tokenizer, student: str, learner: LearnerConfig, loss: dict, pad: int, out: Path, logger, stop_after):
+    """The on-policy loop: student rollout workers, the sharded teacher, student learners, weight sync."""
+    import ray
+
+    from cluster.placement import RoleGroup
+    from ray_jobs.ppo import fitting_tasks, step_tasks
+    from ray_jobs.weight_sync import connect_weight_sync, sync_weights
+    from rollout.agent_loop import run_episodes
+    from rollout.vllm_worker import RolloutWorker
+    from tooltune.metrics import compute_metrics
+    from tooltune.world import generate_world, world_registry
+    from trainers.distill_trainer import OnPolicyDistillTrainer
+    from trainers.group import LearnerGroup
+    from trainers.sft import tool_eval_scalars
+
+    op = cfg.on_policy
+    if cfg.data.world is None:
+        raise ValueError("on_policy mode needs data.world: the student answers its training tasks")
+    splits = generate_world(cfg.data.world)
+    tasks = fitting_tasks(splits["train"], tokenizer, op.loop)
+    if len(tasks) < op.prompts_per_step:
+        raise ValueError(f"{len(tasks)} training tasks fit on_policy.loop.max_total_tokens, fewer than prompts_per_step ({op.prompts_per_step})")
+    validation = splits["validation"][: op.eval_limit]
+    registry = world_registry(cfg.data.world)
+    learner = learner.model_copy(update={"total_steps": cfg.learner.total_steps or cfg.train.max_steps})
+    teacher = make_teacher(cfg)
+    group = workers = rollout = None
+    try:
+        rollout = RoleGroup("distill-student-rollout", op.workers)
+        engine = op.rollout.model_dump() | {"model": student}
+        workers = rollout.spawn(RolloutWorker, lambda r: ({**engine, "seed": engine["seed"] + r},))
+        group = LearnerGroup("distill-learners", cfg.learners, learner)
+        connect_weight_sync(group, workers, op.weight_sync)
+
+        def sample(step: int):
+            loop = op.loop
+            if loop.sampling.seed is not None:
+                loop = loop.model_copy(update={"sampling": loop.sampling.model_copy(update={"seed": loop.sampling.seed + step})})
+            runs = run_episodes(step_tasks(tasks, op.prompts_per_step, step, cfg.train.seed), workers, tokenizer, loop, registry)
+            generated = sum(sum(r.action_mask) for r in runs)
+            return [r.token_ids for r in runs], [r.action_mask for r in runs], {"batch/generated_tokens": float(generated)}
+
+        def evaluate() -> dict[str, float]:
+            greedy = op.loop.model_copy(update={"samples_per_task": 1, "sampling": op.loop.sampling.model_copy(update={"temperature": 0.0})})
+            runs = run_episodes(validation, workers, tokenizer, greedy, registry)
+            return {k.replace("tool_eval/", "eval/"): v for k, v in tool_eval_scalars(compute_metrics(validation, [r.episode for r in runs])).items()}
+
+        trainer = OnPolicyDistillTrainer(
+            group, tokenizer, cfg.train, cfg.train.max_steps, sample,
+            score=lambda seqs: teacher.score_sequences(seqs, cfg.teacher.micro_batch_size, pad),
+            sync=lambda version: sync_weights(group, workers, version, op.weight_sync),
+            loss=loss, output_dir=out, logger=logger, evaluate=evaluate if validation else None,
+        )  # fmt: skip
+        history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
+    finally:
+        if workers:
+            ray.get([w.shutdown.remote() for w in workers])
+        if group is not None:
+            group.shutdown()
+        if rollout is not None:
+            rollout.close()
+        teacher.shutdown()
+    return trainer, history
 
 
 class _MemoryTargets:

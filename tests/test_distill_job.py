@@ -127,3 +127,31 @@ def test_response_mode_runs_the_teacher_in_the_tool_loop_and_counts_what_the_fil
     with pytest.raises(DataError, match="none of the teacher's 6 episodes"):
         run_distill(cfg.model_copy(update={"resume": False}))
     assert counts.stat().st_mtime_ns == written  # reused, not generated again
+
+
+@pytest.mark.slow
+def test_on_policy_mode_trains_on_the_students_own_tokens_and_keeps_its_workers_in_sync(tmp_path, tiny_model_dir):
+    cfg = config(
+        tmp_path, tiny_model_dir, "on-policy", mode="on_policy",
+        learners={"num_ranks": 1, "cpus": 0.25},
+        learner={"zero_stage": 0, "lr": 5e-3, "micro_batch_size": 2, "grad_accum_steps": 2, "lora": {"r": 8, "alpha": 16}},
+        loss={"kind": "reverse_kl"},
+        train={"seq_len": 1024, "max_steps": 2, "eval_every": 100, "save_every": 1},
+        on_policy={"prompts_per_step": 2, "workers": {"num_ranks": 1, "cpus": 0.5}, "eval_limit": 2,
+                   "rollout": {"max_model_len": 1024, "enable_lora": True, "max_lora_rank": 8},
+                   "loop": {"max_turns": 2, "max_new_tokens": 12, "max_total_tokens": 1024, "samples_per_task": 2,
+                            "sampling": {"temperature": 1.0, "seed": 0}}},
+    )  # fmt: skip
+    result = run_distill(cfg)
+    assert [h["step"] for h in result["history"]] == [1, 2]
+    for h in result["history"]:
+        # The loss is on the tokens the student generated, and only on them.
+        assert h["train/tokens"] == h["batch/generated_tokens"] > 0
+        assert 0 < h["train/loss"] < 100 and h["time/sync_s"] > 0
+    assert any(k.startswith("eval/") for k in result["history"][-1])  # the workers ran the validation tasks
+    # Resumed after step 1 (a fresh engine serves the start): the workers get the restored student.
+    cut = cfg.model_copy(update={"output_dir": str(tmp_path / "on-policy-cut")})
+    first = run_distill(cut, stop_after=1)
+    resumed = run_distill(cut)
+    assert [h["step"] for h in first["history"] + resumed["history"]] == [1, 2]
+    assert first["history"][0]["train/loss"] == pytest.approx(result["history"][0]["train/loss"], rel=1e-5)

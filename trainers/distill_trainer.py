@@ -19,6 +19,7 @@ from tooltune.teacher_targets import Example, target_columns, target_record
 from tooltune.tracking import MetricsLogger
 from trainers.distill import distill_loss
 from trainers.group import LearnerGroup
+from trainers.loop import StepTrainer
 from trainers.packing import global_batch_indices, loss_tokens, rank_micro_batches
 from trainers.sft import SFTTrainConfig, SFTTrainer
 
@@ -131,3 +132,84 @@ class DistillTrainer(SFTTrainer):
             "validation/loss": sum(s.get("distill_sum", 0.0) for s in stats) / tokens,
             "validation/top1_agree": sum(s.get("top1_agree", 0.0) for s in stats) / tokens,
         }
+
+
+class OnPolicyDistillTrainer(StepTrainer):
+    """On-policy distillation: each step the student samples episodes in the tool loop (its own
+    rollout workers, which get the student's weights after every update), the teacher scores the
+    student's own tokens, and the loss is the per-token divergence to the teacher's top-k on the
+    tokens the student generated (reverse KL by default: the student is pushed off what the
+    teacher finds unlikely, where it actually goes). Prompt and tool-result tokens carry no loss.
+
+    ``sample(step)`` returns the step's sequences, their action masks (1 on generated tokens) and
+    metrics; ``score(sequences)`` the teacher's scores of every position of each;
+    ``sync(version)`` sends the learners' weights to the workers; ``evaluate()`` (optional) the
+    workers' tool-world metrics, run every ``eval_every`` steps.
+    """
+
+    desc = "distill-on-policy"
+
+    def __init__(
+        self,
+        group: LearnerGroup,
+        tokenizer,
+        cfg: SFTTrainConfig,
+        total_steps: int,
+        sample: Callable[[int], tuple[list[list[int]], list[list[int]], dict[str, float]]],
+        score: Callable[[list[list[int]]], list[dict[str, Any]]],
+        sync: Callable[[int], Any],
+        loss: dict[str, Any],
+        output_dir: str | Path,
+        logger: MetricsLogger | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+    ):
+        super().__init__(group, tokenizer, cfg, output_dir, logger, total_steps)
+        self.sample, self.score, self.sync, self.evaluate = sample, score, sync, evaluate
+        self.loss = functools.partial(distill_loss, **loss)
+        lc = group.cfg
+        self.micro, self.accum, self.world = lc.micro_batch_size, lc.grad_accum_steps, group.world_size
+
+    def train_step(self, step: int) -> dict[str, float]:
+        import time
+
+        t = time.perf_counter()
+        ids, masks, metrics = self.sample(step)
+        t_rollout = time.perf_counter() - t
+        t = time.perf_counter()
+        examples = [{"input_ids": i, "loss_mask": m} for i, m in zip(ids, masks, strict=True)]
+        targets = _MemoryColumns([target_columns(target_record(r, ex, sc)) for r, (ex, sc) in enumerate(zip(examples, self.score(ids)))])
+        t_score = time.perf_counter() - t
+        t = time.perf_counter()
+        tokens = loss_tokens(examples)
+        plan = rank_micro_batches(list(range(len(examples))), self.world, self.micro, self.accum)
+        per_rank = [([DistillTrainer.batch(mb, examples, targets) for mb in plan[r]], self.loss, tokens) for r in range(self.world)]
+        stats = self.group.each("train_step", per_rank)
+        t_train = time.perf_counter() - t
+        t = time.perf_counter()
+        self.sync(step + 1)
+        t_sync = time.perf_counter() - t
+        return metrics | {
+            "train/loss": sum(s["distill_sum"] for s in stats) / max(1, tokens),
+            "train/top1_agree": sum(s["top1_agree"] for s in stats) / max(1, tokens),
+            "train/lr": stats[0]["lr"],
+            "train/tokens": tokens,
+            "time/rollout_s": t_rollout, "time/teacher_s": t_score, "time/train_s": t_train, "time/sync_s": t_sync,
+        }  # fmt: skip
+
+    def validate(self) -> dict[str, float]:
+        return self.evaluate() if self.evaluate else {}
+
+    def resume(self) -> int:
+        """The next step, the workers serving the restored student as version ``step``."""
+        step = super().resume()
+        if step:
+            self.sync(step)
+        return step
+
+
+class _MemoryColumns:
+    def __init__(self, columns: list[dict[str, Any]]):
+        self._columns = columns
+
+    def columns(self, row: int) -> dict[str, Any]:
+        return self._columns[row]
