@@ -124,6 +124,13 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
+        if self.mode != "response" and self.learner.zero_stage == 3 and self.learners.num_ranks > 1:
+            raise ValueError(
+                "learner.zero_stage 3 with several ranks is not supported by the logit and on-policy modes yet: each rank "
+                "runs the LM head over its own number of loss tokens, and ZeRO-3's gathers need the same calls on every rank; use ZeRO-2"
+            )
+        if self.mode != "response" and self.train.pack:
+            raise ValueError("train.pack: packed rows would be scored by the teacher as one sequence; distil unpacked rows")
         if self.mode == "on_policy":
             op, lc = self.on_policy, self.learner
             rows = op.prompts_per_step * op.loop.samples_per_task
@@ -179,11 +186,21 @@ def student_model(cfg: DistillConfig, out: Path) -> str:
 
 
 def params_ratio(student: str, teacher: str) -> tuple[int, int]:
-    from transformers import AutoModelForCausalLM
+    """Both models' parameter counts (built on the meta device: no weights read), after checking
+    that the student's vocabulary holds every token id the teacher can send."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tooltune.models import parameter_count
 
-    return tuple(parameter_count(AutoModelForCausalLM.from_pretrained(p)) for p in (student, teacher))  # type: ignore[return-value]
+    configs = [AutoConfig.from_pretrained(p) for p in (student, teacher)]
+    if configs[0].vocab_size < configs[1].vocab_size:
+        raise ValueError(
+            f"the student ({student}) has a vocabulary of {configs[0].vocab_size}, the teacher ({teacher}) {configs[1].vocab_size}: "
+            "the student must share the teacher's tokenizer"
+        )
+    with torch.device("meta"):
+        return tuple(parameter_count(AutoModelForCausalLM.from_config(c)) for c in configs)  # type: ignore[return-value]
 
 
 def make_teacher(cfg: DistillConfig):
@@ -212,7 +229,7 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from tooltune.data import DataError
-    from tooltune.teacher_targets import TargetStore
+    from tooltune.teacher_targets import TargetStore, TargetWriter
     from tooltune.tracking import MetricsLogger
     from trainers.distill_trainer import DistillTrainer, StreamedTargets
     from trainers.group import LearnerGroup
@@ -267,14 +284,19 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
             trainer, history = run_on_policy(cfg, tokenizer, student, learner, loss, pad, out, logger, stop_after)
             return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
     with local_ray(cfg.ray):
-        teacher = make_teacher(cfg)
+        identity, rps = teacher_identity(cfg), cfg.targets.rows_per_shard
+        splits = (("train", train), ("validation", validation))
+        stored = cfg.targets.source == "parquet" and all(
+            TargetWriter(cfg.targets_dir() / split, rows, rps, identity).complete() for split, rows in splits
+        )
+        # Targets already complete (a later student of the same teacher and data): no teacher to start.
+        teacher = None if stored else make_teacher(cfg)
         try:
             t_score = time.time()
             if cfg.targets.source == "parquet":
-                identity, rps = teacher_identity(cfg), cfg.targets.rows_per_shard
-                splits = (("train", train), ("validation", validation))
                 scoring = {split: score_targets(cfg, teacher, rows, split, pad, identity) for split, rows in splits}
-                teacher.shutdown()  # its CPUs (or GPUs) go to the learners
+                if teacher is not None:
+                    teacher.shutdown()  # its CPUs (or GPUs) go to the learners
                 teacher = None
                 targets = TargetStore(cfg.targets_dir() / "train", train, rps, identity)
                 val_targets = TargetStore(cfg.targets_dir() / "validation", validation, rps, identity) if validation else None
@@ -445,7 +467,7 @@ def _memory_targets(teacher, examples: list, micro_batch_size: int, pad_id: int)
     from tooltune.teacher_targets import target_columns, target_record
 
     scores = teacher.score_sequences([list(e["input_ids"]) for e in examples], micro_batch_size, pad_id)
-    return _MemoryTargets({i: target_columns(target_record(i, e, s)) for i, (e, s) in enumerate(zip(examples, scores))})
+    return _MemoryTargets({i: target_columns(target_record(i, e, s), s["ids"].shape[-1]) for i, (e, s) in enumerate(zip(examples, scores))})
 
 
 def evaluation_config(cfg: DistillConfig, model: str, output_dir: str | Path, label: str = "", split: str = "test"):

@@ -4,6 +4,8 @@ LoRA students on DeepSpeed learners; resumable scoring, streamed = stored target
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,11 +58,16 @@ def test_parquet_scoring_cut_off_and_restarted_writes_the_same_shards_and_skips_
         try:
             assert score_targets(whole, teacher, examples, "train", tok.pad_token_id, identity) == {"skipped": [], "written": [0, 1, 2, 3]}
             assert score_targets(cut, teacher, examples, "train", tok.pad_token_id, identity, stop_after=2) == {"skipped": [], "written": [0, 1]}
-            # A shard cut off mid-write is a temporary file: never read, removed on restart.
-            half = tmp_path / "cut" / "train" / "shard-00002-of-00004.parquet.tmp"
+            # A shard cut off mid-write is a temporary file: never read, removed on restart once
+            # stale (a young one may be another job's shard in progress, and stays).
+            half = tmp_path / "cut" / "train" / "shard-00002-of-00004.parquet.0123.tmp"
+            young = tmp_path / "cut" / "train" / "shard-00003-of-00004.parquet.4567.tmp"
             half.write_bytes(b"PAR1 half a shard")
+            young.write_bytes(b"PAR1 another job's shard")
+            os.utime(half, (time.time() - 2 * 3600, time.time() - 2 * 3600))
             assert score_targets(cut, teacher, examples, "train", tok.pad_token_id, identity) == {"skipped": [0, 1], "written": [2, 3]}
-            assert not half.exists()
+            assert not half.exists() and young.exists()
+            young.unlink()
             # Targets of another teacher (another k) in the same directory are refused, naming the shard.
             other = teacher_identity(cfg) | {"k": 4}
             with pytest.raises(DataError, match=r"shard-00000-of-00004.parquet: scored with another teacher or other data \(differs in teacher\)"):

@@ -212,3 +212,80 @@ def test_bucket_gradients_match_autograd_through_the_full_softmax():
     torch.autograd.grad(topk.sum() + tail.sum(), logits, retain_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(topk.sum() + tail.sum(), logits)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_gradients_stay_finite_with_an_empty_tail(kind):
+    g = torch.Generator().manual_seed(6)
+    teacher = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    student = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = distill_token_loss(student, teacher_topk(teacher, 9), kind=kind).sum()
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # Against autograd through the full log-softmax of the same divergence.
+    p, q = full(teacher), full(student)
+    if kind == "forward_kl":
+        want = (p.exp() * (p - q)).sum()
+    elif kind == "reverse_kl":
+        want = (q.exp() * (q - p)).sum()
+    else:
+        m = torch.logaddexp(p + L(0.5), q + L(0.5))
+        want = (0.5 * (p.exp() * (p - m)).sum(-1) + 0.5 * (q.exp() * (q - m)).sum(-1)).sum()
+    (want_grad,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("gap", [100.0, 120.0, 200.0])
+def test_a_very_peaked_fp32_student_keeps_its_tail(gap):
+    # The student's tail sits `gap` nats under its top token: exp(-gap) underflows fp32's sums.
+    teacher = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    targets = teacher_topk(teacher, 2)
+    base = torch.tensor([[gap, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        x = base.to(dtype).requires_grad_(True)
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in targets.items()}
+        for kind in ("forward_kl", "jsd"):
+            loss = distill_token_loss(x, cast, kind=kind).sum()
+            (grad,) = torch.autograd.grad(loss, x)
+            results[(dtype, kind)] = (loss.double(), grad.double())
+    for kind in ("forward_kl", "jsd"):
+        (l32, g32), (l64, g64) = results[(torch.float32, kind)], results[(torch.float64, kind)]
+        assert torch.isfinite(l32) and torch.isfinite(g32).all()
+        torch.testing.assert_close(l32, l64, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g32, g64, rtol=1e-4, atol=1e-6)
+
+
+def test_a_student_equal_to_its_teacher_has_zero_loss_at_every_aligned_position(tiny_model_dir):
+    """Scores of position p are the targets of token p + 1: self-distillation through the whole
+    path (teacher stage -> stored record -> per-token columns -> learner loss) is exactly 0, and
+    the same targets shifted by one position are not."""
+    from transformers import AutoModelForCausalLM
+
+    from tooltune.teacher_targets import target_columns, target_record
+    from trainers.distill import distill_loss
+    from trainers.forward import Forward, pad_columns
+    from trainers.teacher import TeacherStage
+
+    torch.manual_seed(0)
+    stage = TeacherStage(tiny_model_dir, 0, 1, k=6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    seqs = [[5, 9, 14, 3, 22, 7, 30, 11], [8, 2, 17, 4, 19]]
+    masks = [[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
+    columns = {"input_ids": seqs, "loss_mask": masks, "t_ids": [], "t_logp": [], "t_tail": []}
+    for ids, mask in zip(seqs, masks):
+        scores = {k: v[0].numpy() for k, v in stage.forward(torch.tensor([ids])).items()}
+        for key, col in target_columns(target_record(0, {"input_ids": ids, "loss_mask": mask}, scores), 6).items():
+            columns[key].append(torch.as_tensor(col))
+    batch = pad_columns(columns)
+    with torch.no_grad():
+        loss, stats = distill_loss(Forward(model, batch, "lm"), batch)
+    tokens = sum(sum(m[1:]) for m in masks)
+    assert stats["tokens"] == tokens and stats["top1_agree"] == tokens
+    assert abs(loss.item()) < 1e-4
+    shifted = dict(batch)
+    for key in ("t_ids", "t_logp", "t_tail"):
+        shifted[key] = torch.roll(batch[key], 1, dims=1)
+    with torch.no_grad():
+        off, off_stats = distill_loss(Forward(model, shifted, "lm"), shifted)
+    assert off.item() > 0.1 and off_stats["top1_agree"] < tokens

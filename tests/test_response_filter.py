@@ -34,6 +34,10 @@ def test_each_reason_by_hand():
     assert rejection(TRIVIAL, episode(Turn("<tool_call>", calls=[ToolCall("calculator", {"expression": "3 + 4"})]), Turn("7"), answer="7")) == "wrong_calls"
     assert rejection(TRIVIAL, episode(Turn("7"), answer="It is 7.")) is None
     assert rejection(TRIVIAL, episode(Turn("8"), answer="8")) == "wrong_answer"
+    # The expected number as a whole, not inside another one.
+    assert rejection(TRIVIAL, episode(Turn("47"), answer="The result is 47.")) == "wrong_answer"
+    assert rejection(TRIVIAL, episode(Turn("7.5"), answer="7.5")) == "wrong_answer"
+    assert rejection(TRIVIAL, episode(Turn("7"), answer="3 + 4 = 7.")) is None
     # No ground-truth answer (small talk): any final answer goes.
     assert rejection(CHAT, episode(Turn("Hello!"), answer="Hello!")) is None
     assert rejection(NEEDS, episode(Turn("4710117")), check_calls=False) is None

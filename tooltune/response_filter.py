@@ -8,7 +8,8 @@ An episode is dropped for the first of these that holds, and the counts say how 
 - ``no_final_answer``: the loop ended without a final answer (turn or token limit);
 - ``wrong_calls``: the episode's calls are not exactly the task's expected ones (a call on a
   task that needs none included);
-- ``wrong_answer``: the task has an expected answer and the final answer does not contain it.
+- ``wrong_answer``: the task has an expected answer and the final answer does not contain it as
+  a whole (``answer_matches``: "47" does not pass for "7").
 
 What is left is kept as a conversation (the episode's messages and the task's tools), the form
 the SFT data loader reads.
@@ -16,11 +17,12 @@ the SFT data loader reads.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
 from tooltune.episode import EndReason, Episode, FailureReason, Task
-from tooltune.metrics import answer_is_correct, calls_match_exactly
+from tooltune.metrics import calls_match_exactly
 
 REASONS = ("format_error", "hallucinated_tool", "schema_violation", "no_final_answer", "wrong_calls", "wrong_answer")
 _FAILURE_REASON = {
@@ -41,9 +43,17 @@ def rejection(task: Task, episode: Episode, check_calls: bool = True) -> str | N
         return "no_final_answer"
     if check_calls and not calls_match_exactly(task, episode):
         return "wrong_calls"
-    if task.expected_answer and not answer_is_correct(task, episode):
+    if task.expected_answer and not answer_matches(task.expected_answer, episode.final_answer):
         return "wrong_answer"
     return None
+
+
+def answer_matches(expected: str, answer: str) -> bool:
+    """``expected`` appears in ``answer`` as a whole (case-insensitive): not inside a longer
+    number or word, so "47" or "7.5" do not pass for "7" (the evaluation's metric is a plain
+    substring test; training data is held to more)."""
+    pattern = r"(?<![\w.])" + re.escape(expected.strip().lower()) + r"(?!\w|\.\d)"
+    return re.search(pattern, answer.lower()) is not None
 
 
 def filter_episodes(

@@ -10,9 +10,9 @@ for token t and the log of the mass outside them:
 
 The file's metadata records the teacher, k, the temperature and a fingerprint of the shard's
 examples: a directory scored for other data or another teacher is refused, never mixed in.
-A shard is written to a temporary name and renamed when complete, so a job killed mid-shard
-leaves no file a reader would take for a shard; a restart skips complete shards (after checking
-their metadata) and scores the rest. No Ray here: the scoring driver is ``ray_jobs/distill.py``.
+A shard is written to a temporary name of its own, flushed to disk and renamed when complete, so
+a job killed mid-shard leaves no file a reader would take for a shard; a restart skips complete
+shards (after checking their metadata) and scores the rest. No Ray here: the scoring driver is ``ray_jobs/distill.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,11 @@ from tooltune.data import DataError
 
 Example = dict[str, list[int]]
 META_KEY = b"tooltune.teacher_targets"
+STALE_TMP_S = 3600.0
+# Rows per Parquet row group: a reader decodes one group for a row, not the whole shard (a step's
+# rows are drawn at random from the whole data set).
+ROW_GROUP = 64
+CACHED_GROUPS = 256
 
 
 def shard_name(index: int, total: int) -> str:
@@ -90,8 +97,11 @@ def write_shard(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     schema = _schema().with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     columns = {name: [r[name] for r in rows] for name in schema.names}
     table = pa.Table.from_pydict(columns, schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    # A name of its own: two jobs scoring into one directory never write the same temporary file.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())  # on disk before it gets the name readers trust
     os.replace(tmp, path)
 
 
@@ -141,12 +151,18 @@ class TargetWriter:
             finished.append(index)
         return finished
 
+    def complete(self) -> bool:
+        """Every shard is here (and checks out)."""
+        return len(self.done()) == self.total
+
     def run(self, score: Callable[[list[Example]], list[dict[str, np.ndarray]]], stop_after: int | None = None) -> dict[str, list[int]]:
         """Score and write every shard not done yet, in order; ``stop_after`` shards at most this
-        call. Leftover temporary files (a shard cut off mid-write) are removed first."""
+        call. Temporary files older than ``STALE_TMP_S`` (a shard cut off mid-write; one in
+        progress elsewhere is younger) are removed first; readers never look at them anyway."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.dir.glob("*.parquet.tmp"):
-            tmp.unlink()
+        for tmp in self.dir.glob("*.tmp"):
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink(missing_ok=True)
         skipped = self.done()
         written: list[int] = []
         for index in range(self.total):
@@ -176,40 +192,44 @@ def target_record(row: int, example: Example, scores: dict[str, np.ndarray]) -> 
 
 
 class TargetStore:
-    """Reads the targets of a complete directory, shard by shard as examples are asked for."""
+    """Reads the targets of a complete directory, row group by row group as examples are asked for."""
 
     def __init__(self, directory: str | Path, examples: Sequence[Example], rows_per_shard: int, teacher: dict[str, Any]):
         self.writer = TargetWriter(directory, examples, rows_per_shard, teacher)
         missing = sorted(set(range(self.writer.total)) - set(self.writer.done()))
         if missing:
             raise DataError(f"{directory}: {len(missing)} of {self.writer.total} shards not scored yet (first: {missing[0]})")
-        self._cache: dict[int, tuple[Any, dict[int, int]]] = {}
+        self._cache: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        self._files: dict[int, Any] = {}
 
-    def _shard(self, index: int):
-        """Shard ``index`` as an Arrow table (compact; rows become Python values only when asked),
-        and its rows' positions in it; the last few shards read stay in memory."""
+    def _group(self, row: int) -> list[dict[str, Any]]:
+        """The decoded row group that holds example ``row`` (the last ``CACHED_GROUPS`` kept)."""
         import pyarrow.parquet as pq
 
-        if index not in self._cache:
-            if len(self._cache) >= 4:
+        shard, offset = divmod(row, self.writer.rows_per_shard)
+        key = (shard, offset // ROW_GROUP)
+        if key not in self._cache:
+            if len(self._cache) >= CACHED_GROUPS:
                 self._cache.pop(next(iter(self._cache)))
-            table = pq.read_table(self.writer.dir / shard_name(index, self.writer.total))
-            self._cache[index] = (table, {r: i for i, r in enumerate(table.column("row").to_pylist())})
-        return self._cache[index]
+            if shard not in self._files:
+                self._files[shard] = pq.ParquetFile(self.writer.dir / shard_name(shard, self.writer.total))
+            self._cache[key] = self._files[shard].read_row_group(key[1]).to_pylist()
+        return self._cache[key]
 
     def columns(self, row: int) -> dict[str, np.ndarray]:
         """Per-token columns for example ``row``, aligned with its input_ids (zeros where no loss):
         ``t_ids`` [T, k], ``t_logp`` [T, k], ``t_tail`` [T]."""
-        table, where = self._shard(row // self.writer.rows_per_shard)
-        return target_columns(table.slice(where[row], 1).to_pylist()[0])
+        rec = self._group(row)[(row % self.writer.rows_per_shard) % ROW_GROUP]
+        if rec["row"] != row:
+            raise DataError(f"{self.writer.dir}: shard {row // self.writer.rows_per_shard} holds row {rec['row']} where row {row} belongs")
+        return target_columns(rec, self.writer.teacher["k"])
 
 
-def target_columns(rec: dict[str, Any]) -> dict[str, np.ndarray]:
+def target_columns(rec: dict[str, Any], k: int) -> dict[str, np.ndarray]:
     """A stored record (``positions``, ``topk_*``, ``tail_logp``) as per-token arrays over its
     input_ids: ``t_ids`` int64 [T, k], ``t_logp`` float32 [T, k], ``t_tail`` float32 [T], zeros
-    at positions without loss."""
+    at positions without loss (every row [T, k], also one with no loss token: rows are padded together)."""
     n, pos = len(rec["input_ids"]), np.asarray(rec["positions"], dtype=np.int64)
-    k = len(rec["topk_ids"][0]) if len(rec["topk_ids"]) else 1
     ids, logp, tail = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.float32)
     if len(pos):
         ids[pos] = np.asarray(rec["topk_ids"], dtype=np.int64)

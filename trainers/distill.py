@@ -50,14 +50,21 @@ def student_buckets(logits: torch.Tensor, ids: torch.Tensor, temperature: float 
     return _Buckets.apply(logits, ids.long(), temperature)
 
 
+# Below this (relative to the row's largest exponential, 1) the rest's sum of exponentials has
+# lost its precision in fp32: such rows take the rest's log-sum-exp from the logits instead.
+_TINY_REST = 1e-30
+
+
 class _Buckets(torch.autograd.Function):
     """Bucket log-probs with a written-out backward, in few passes over the [n, V] logits: the
     exponentials e = exp((z - max) / T) are taken once, in one buffer kept for backward (which is
     one multiplication of it); the rest's sum is over e with the top-k zeroed, so no 1 - sum.
+    The top-k log-probs are taken in log space; a row whose rest underflows (a very peaked
+    student, or a low temperature) gets its rest's log-mass and in-tail shares from a log-sum-exp.
 
     With q = softmax(s), s = z / T, and Q_b the bucket sums: d log Q_b / d s_j = q_j [j in b] / Q_b - q_j,
     so for upstream gradients G_b: dL/ds_j = q_j G_b(j) / Q_b(j) - q_j sum_b G_b, which is
-    G_i - Q_i sum_b G_b at a top-k token i (q_i = Q_i) and q_j (G_tail / Q_tail - sum_b G_b) elsewhere.
+    G_i - Q_i sum_b G_b at a top-k token i (q_i = Q_i) and G_tail (q_j / Q_tail) - q_j sum_b G_b elsewhere.
     """
 
     @staticmethod
@@ -67,41 +74,59 @@ class _Buckets(torch.autograd.Function):
         e = torch.sub(logits.to(wide), peak) if logits.dtype != wide else torch.sub(logits, peak)
         if temperature != 1.0:
             e.div_(temperature)
+        top_scaled = e.gather(-1, ids)  # (z_i - max) / T, exact
         e.exp_()
         top = e.gather(-1, ids)
         rest = e.scatter_(-1, ids, 0.0).sum(-1)
         e.scatter_(-1, ids, top)
-        total = rest + top.sum(-1)
+        log_total = (rest + top.sum(-1)).log()  # >= 0: the largest exponential is 1
+        topk_logp = top_scaled - log_total[:, None]
+        tail_logp = rest.log() - log_total
+        small = (rest < _TINY_REST) if ids.shape[-1] < logits.shape[-1] else torch.zeros_like(rest, dtype=torch.bool)
+        rows = small.nonzero().squeeze(-1)
+        tail_share = None
+        if rows.numel():
+            scaled = (logits[rows].to(wide) - peak[rows]) / temperature
+            scaled.scatter_(-1, ids[rows], float("-inf"))
+            lse = torch.logsumexp(scaled, dim=-1)
+            tail_logp[rows] = lse - log_total[rows]
+            tail_share = scaled.sub_(lse[:, None]).exp_()  # q_j / Q_tail within the rest, exact
         ctx.temperature, ctx.dtype = temperature, logits.dtype
-        ctx.save_for_backward(e, ids, total, top, rest)
-        return top.log() - total.log()[:, None], rest.log() - total.log()
+        ctx.save_for_backward(e, ids, log_total, topk_logp, rest, rows, tail_share)
+        return topk_logp, tail_logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_topk, grad_tail):
-        e, ids, total, top, rest = ctx.saved_tensors
-        grad_topk = torch.zeros_like(top) if grad_topk is None else grad_topk
+        e, ids, log_total, topk_logp, rest, rows, tail_share = ctx.saved_tensors
+        grad_topk = torch.zeros_like(topk_logp) if grad_topk is None else grad_topk
         grad_tail = torch.zeros_like(rest) if grad_tail is None else grad_tail
         g_sum = grad_topk.sum(-1) + grad_tail
-        per_rest = torch.where(rest > 0, grad_tail / rest, torch.zeros_like(rest))
-        # q_j = e_j / total: off the top-k, dL/ds_j = e_j (G_tail / rest - sum G / total).
+        per_rest = torch.where(rest >= _TINY_REST, grad_tail / rest.clamp_min(_TINY_REST), torch.zeros_like(rest))
+        # Off the top-k, q_j = e_j / total and q_j / Q_tail = e_j / rest (tail_share where rest is tiny).
         # In place: e is not needed again (autograd refuses a second backward through this graph).
-        grad = e.mul_(per_rest[:, None] - (g_sum / total)[:, None])
-        grad.scatter_(-1, ids, grad_topk - (top / total[:, None]) * g_sum[:, None])
+        grad = e.mul_(per_rest[:, None] - (g_sum / log_total.exp())[:, None])
+        if rows.numel():
+            grad[rows] += grad_tail[rows, None] * tail_share
+        grad.scatter_(-1, ids, grad_topk - topk_logp.exp() * g_sum[:, None])
         if ctx.temperature != 1.0:
             grad.div_(ctx.temperature)
         return grad.to(ctx.dtype), None, None
 
 
+# Log-probs are floored here before the divergences: an empty bucket (log 0 = -inf) then adds
+# exactly 0 and passes no NaN back (0 * inf in a gradient), and its exp is still exactly 0.
+_LOG_FLOOR = -1e4
+
+
 def _buckets(topk: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    return torch.cat([topk, tail[..., None]], dim=-1)
+    return torch.cat([topk, tail[..., None]], dim=-1).clamp_min(_LOG_FLOOR)
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum_b p_b (log p_b - log q_b) over the last dim; a bucket with p_b = 0 adds 0 (even where
-    q_b = 0), so an empty tail is no NaN."""
+    """sum_b p_b (log p_b - log q_b) over the last dim; a bucket with p_b = 0 adds 0."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
 
 
 def forward_kl(t_topk: torch.Tensor, t_tail: torch.Tensor, s_topk: torch.Tensor, s_tail: torch.Tensor) -> torch.Tensor:
@@ -230,7 +255,7 @@ def head_loss(
             rows = slice(start, start + chunk_tokens)
             chunk = {k: c[rows] for k, c in zip(keys, columns)}
             pers.append(checkpoint(lambda h, chunk=chunk: token_loss(lm_head(h), chunk), hidden[rows], use_reentrant=False))
-        per = torch.cat(pers)
+        per = torch.cat(pers) if pers else hidden[:0].sum(-1)  # no rows: still a graph to run backward on
         return (per * weights).sum(), per.detach()
     total, per = _FrozenHeadLoss.apply(hidden, weights, lm_head, token_loss, keys, chunk_tokens, *columns)
     return total, per

@@ -59,7 +59,7 @@ class StreamedTargets:
                 self._submit(s)
         rows, groups, refs = self.pending.pop(step)
         scores = unpad_scores(groups, ray.get(refs))
-        self.ready = {r: target_columns(target_record(r, self.examples[r], sc)) for r, sc in zip(rows, scores)}
+        self.ready = {r: target_columns(target_record(r, self.examples[r], sc), sc["ids"].shape[-1]) for r, sc in zip(rows, scores)}
 
     def columns(self, row: int) -> dict[str, Any]:
         return self.ready[row]
@@ -177,7 +177,8 @@ class OnPolicyDistillTrainer(StepTrainer):
         t_rollout = time.perf_counter() - t
         t = time.perf_counter()
         examples = [{"input_ids": i, "loss_mask": m} for i, m in zip(ids, masks, strict=True)]
-        targets = _MemoryColumns([target_columns(target_record(r, ex, sc)) for r, (ex, sc) in enumerate(zip(examples, self.score(ids)))])
+        scores = self.score(ids)
+        targets = _MemoryColumns([target_columns(target_record(r, ex, sc), sc["ids"].shape[-1]) for r, (ex, sc) in enumerate(zip(examples, scores))])
         t_score = time.perf_counter() - t
         t = time.perf_counter()
         tokens = loss_tokens(examples)

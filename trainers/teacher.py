@@ -79,6 +79,11 @@ def stage_layer_ranges(num_layers: int, stages: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+# Families whose decoder is exactly what ``TeacherStage.forward`` runs (embeddings, layers with
+# rotary positions under a full causal mask, final norm, LM head).
+STAGE_MODEL_TYPES = frozenset({"llama"})
+
+
 class TeacherStage:
     """One pipeline stage of a Llama-family causal LM (decoder layers under ``.get_decoder()``:
     ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``), holding only its slice of it.
@@ -106,6 +111,14 @@ class TeacherStage:
             raise ValueError(f"stage must be in 0..{stages - 1}, got {stage}")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        if model_type not in STAGE_MODEL_TYPES:
+            raise ValueError(
+                f"{model_dir}: a {model_type!r} model; the pipeline stages run the Llama layout ({', '.join(sorted(STAGE_MODEL_TYPES))}): "
+                "other families scale embeddings, soft-cap logits or use sliding windows, which these stages would skip"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
         )
