@@ -206,7 +206,8 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     tokens = sum(map(len, seqs))
     cpus = float(len(os.sched_getaffinity(0)))
     rates: dict[int, list[float]] = {1: [], 2: []}
-    with local_ray(), OtherCpuShare() as others:
+    # (No share of other processes' CPU here: the stages are Ray actors, other processes themselves.)
+    with local_ray():
         # In turn, one teacher at a time (it holds the CPUs), each warmed up on one micro-batch.
         for _ in range(args.reps):
             for stages in (1, 2):
@@ -227,7 +228,6 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             "micro_batch_size": args.micro_batch_size, "max_in_flight": args.max_in_flight, "cpus": cpus, "reps": args.reps,
             "tokens_per_s_median": {f"{s}_stage": round(v, 1) for s, v in med.items()},
             "tokens_per_s": {f"{s}_stage": [round(x, 1) for x in r] for s, r in rates.items()},
-            "others_cpu_share": others.value,
         },
     }  # fmt: skip
 
