@@ -326,7 +326,9 @@ def _finish(cfg, out, logger, trainer, history, student, student_params, teacher
     evaluation = None
     if cfg.evaluation.enabled and final is not None and stop_after is None:
         from ray_jobs.evaluate import run_evaluation
+        from ray_jobs.sft import evaluation_config
 
+        # The SFT job's: the held-out split of the same world, the same evaluation settings.
         eval_cfg = evaluation_config(cfg, str(final / "model"), out / "eval", label=f"distill {out.name}")
         evaluation = run_evaluation(eval_cfg)["world"]["test"]
     logger.close()
@@ -468,19 +470,6 @@ def _memory_targets(teacher, examples: list, micro_batch_size: int, pad_id: int)
 
     scores = teacher.score_sequences([list(e["input_ids"]) for e in examples], micro_batch_size, pad_id)
     return _MemoryTargets({i: target_columns(target_record(i, e, s), s["ids"].shape[-1]) for i, (e, s) in enumerate(zip(examples, scores))})
-
-
-def evaluation_config(cfg: DistillConfig, model: str, output_dir: str | Path, label: str = "", split: str = "test"):
-    from ray_jobs.evaluate import BfclEvalConfig, EvalConfig, WorkerSettings
-
-    if cfg.data.world is None:
-        raise ValueError("distillation evaluation needs data.world: the test split comes from the training world")
-    return EvalConfig(
-        model=model, label=label, ray=cfg.ray, workers=cfg.evaluation.workers,
-        rollout=WorkerSettings(dtype=cfg.learner.dtype, max_model_len=cfg.evaluation.max_model_len),
-        world=cfg.data.world, splits=[split], limit=cfg.evaluation.limit, bfcl=BfclEvalConfig(limit_per_category=0),
-        loop=cfg.evaluation.loop, output_dir=str(output_dir),
-    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,7 +75,8 @@ class SFTConfig(StrictModel):
 def evaluation_config(cfg: SFTConfig, model: str, output_dir: str | Path, label: str = "", split: str = "test") -> EvalConfig:
     """The evaluation job's config for ``model`` on a held-out split (``test``, or ``validation``
     to choose settings on) of ``cfg``'s world, generated with the same config, so no evaluated
-    query was a training query."""
+    query was a training query. ``cfg`` may be any job config with SFT's ``ray``, ``evaluation``,
+    ``learner`` and ``data`` (the distillation job's too)."""
     if cfg.data.world is None:
         raise ValueError("SFT evaluation needs data.world: the test split comes from the training world")
     return EvalConfig(
