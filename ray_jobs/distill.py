@@ -29,10 +29,9 @@ from cluster.local import RayConfig, local_ray
 from cluster.placement import RoleConfig
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import WorkerSettings
-from ray_jobs.sft import SFTEvalSettings, prepare_run_dir
+from ray_jobs.sft import SFTEvalSettings, start_run
 from rollout.agent_loop import LoopConfig
-from tooltune.config import StrictModel, save_config
-from tooltune.provenance import provenance
+from tooltune.config import StrictModel
 from tooltune.weights import WeightSyncConfig
 from trainers.distill import Divergence
 from trainers.learner import LearnerConfig, LoraConfig
@@ -236,24 +235,21 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
     from trainers.sft import load_sft_conversations, load_text, planned_steps, tokenize_all, training_rows
 
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg, RUN_INDEPENDENT_KEYS)
-    save_config(cfg, out / "config.yaml")
-    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+    out = start_run(cfg, RUN_INDEPENDENT_KEYS)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.model)
     train_convs, val_convs = load_sft_conversations(cfg.data)
     loss_on = cfg.data.conversation_loss
-    train = training_rows(tokenize_all(tokenizer, train_convs, load_text(cfg.data.text_files), cfg.train.seq_len, loss_on), cfg.train)
     validation = tokenize_all(tokenizer, val_convs, [], cfg.train.seq_len, loss_on)
-    if not any(any(ex["loss_mask"][1:]) for ex in train):
-        raise DataError(f"no training token carries loss within train.seq_len={cfg.train.seq_len}: raise it (or use data.conversation_loss=all)")
     student = student_model(cfg, out)
     student_params, teacher_params = params_ratio(student, cfg.teacher.model)
     global_batch = cfg.learner.micro_batch_size * cfg.learner.grad_accum_steps * cfg.learners.num_ranks
-    steps = planned_steps(len(train), global_batch, cfg.train)
-    learner = cfg.learner.model_copy(update={"model": student, "total_steps": cfg.learner.total_steps or steps})
+
+    def learner_for(rows: int) -> LearnerConfig:
+        """The student's learners, their LR schedule spanning the run (of ``rows`` training rows)."""
+        steps = planned_steps(rows, global_batch, cfg.train)
+        return cfg.learner.model_copy(update={"model": student, "total_steps": cfg.learner.total_steps or steps})
+
     loss = cfg.loss.model_dump() | {"temperature": cfg.teacher.temperature}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -270,9 +266,7 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
                 dropped = ", ".join(f"{k} {v}" for k, v in scoring.items() if k not in ("episodes", "kept", "seconds", "reused") and v)
                 raise DataError(f"response mode: none of the teacher's {scoring['episodes']} episodes passed the filter ({dropped})")
             train = training_rows(tokenize_all(tokenizer, kept, [], cfg.train.seq_len, loss_on), cfg.train)
-            steps = planned_steps(len(train), global_batch, cfg.train)
-            learner = learner.model_copy(update={"total_steps": cfg.learner.total_steps or steps})
-            group = LearnerGroup("distill-learners", cfg.learners, learner)
+            group = LearnerGroup("distill-learners", cfg.learners, learner_for(len(train)))
             try:
                 trainer = SFTTrainer(group, tokenizer, train, validation, cfg.train, out, logger)
                 history = trainer.fit(resume=cfg.resume, stop_after=stop_after)
@@ -281,8 +275,14 @@ def run_distill(cfg: DistillConfig, stop_after: int | None = None) -> dict:
             return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
     if cfg.mode == "on_policy":
         with local_ray(cfg.ray):
-            trainer, history = run_on_policy(cfg, tokenizer, student, learner, loss, pad, out, logger, stop_after)
+            # train.max_steps is required here: the schedule spans it whatever the row count.
+            trainer, history = run_on_policy(cfg, tokenizer, student, learner_for(0), loss, pad, out, logger, stop_after)
             return _finish(cfg, out, logger, trainer, history, student, student_params, teacher_params, scoring, t0, stop_after)
+    # Logit mode: the teacher's targets on the data's own conversations.
+    train = training_rows(tokenize_all(tokenizer, train_convs, load_text(cfg.data.text_files), cfg.train.seq_len, loss_on), cfg.train)
+    if not any(any(ex["loss_mask"][1:]) for ex in train):
+        raise DataError(f"no training token carries loss within train.seq_len={cfg.train.seq_len}: raise it (or use data.conversation_loss=all)")
+    learner = learner_for(len(train))
     with local_ray(cfg.ray):
         identity, rps = teacher_identity(cfg), cfg.targets.rows_per_shard
         splits = (("train", train), ("validation", validation))
@@ -416,7 +416,6 @@ def run_on_policy(cfg: DistillConfig, tokenizer, student: str, learner: LearnerC
         raise ValueError(f"{len(tasks)} training tasks fit on_policy.loop.max_total_tokens, fewer than prompts_per_step ({op.prompts_per_step})")
     validation = splits["validation"][: op.eval_limit]
     registry = world_registry(cfg.data.world)
-    learner = learner.model_copy(update={"total_steps": cfg.learner.total_steps or cfg.train.max_steps})
     teacher = make_teacher(cfg)
     group = workers = rollout = None
     try:

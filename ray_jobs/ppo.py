@@ -30,10 +30,9 @@ from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import WorkerSettings
 from rollout.agent_loop import LoopConfig, Trajectory, run_episodes
 from rollout.scorer import RewardScorer, ScorerConfig, score_summary
-from tooltune.config import StrictModel, save_config
+from tooltune.config import StrictModel
 from tooltune.episode import Task
 from tooltune.models import TinyModelConfig, resolve_model
-from tooltune.provenance import provenance
 from tooltune.weights import WeightSyncConfig
 from tooltune.world import WorldConfig
 from tooltune.world_contrast import HELDOUT_SEEDS, HELDOUT_TRIVIAL_QUERIES, ContrastSettings
@@ -347,7 +346,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     """Train; ``on_step(done, metrics, roles)`` after every step (tests check the roles there)."""
     from transformers import AutoTokenizer
 
-    from ray_jobs.sft import prepare_run_dir
+    from ray_jobs.sft import start_run
     from ray_jobs.weight_sync import sync_weights
     from tooltune.chat import install_tool_template, needs_tool_template
     from tooltune.tracking import MetricsLogger, plot_curves
@@ -355,11 +354,7 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     from trainers.ppo_trainer import PPOTrainer
 
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg, RUN_INDEPENDENT_KEYS)
-    save_config(cfg, out / "config.yaml")
-    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+    out = start_run(cfg, RUN_INDEPENDENT_KEYS)
 
     model_dir = resolve_model(cfg.model, tiny=cfg.tiny)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -23,9 +23,8 @@ from pydantic import Field, model_validator
 from cluster.local import RayConfig, local_ray
 from cluster.placement import RoleConfig, RoleGroup
 from ray_jobs._cli import job_config, user_errors
-from ray_jobs.sft import prepare_run_dir
-from tooltune.config import StrictModel, save_config
-from tooltune.provenance import provenance
+from ray_jobs.sft import start_run
+from tooltune.config import StrictModel
 from trainers.learner import LearnerConfig
 from trainers.reward_model import RewardDataConfig, RewardTrainConfig
 
@@ -80,11 +79,7 @@ def run_reward_model(cfg: RewardModelConfig, stop_after: int | None = None) -> d
     from trainers.reward_model import RewardModelTrainer, planned_steps
 
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg, RUN_INDEPENDENT_KEYS)
-    save_config(cfg, out / "config.yaml")
-    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+    out = start_run(cfg, RUN_INDEPENDENT_KEYS)
 
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

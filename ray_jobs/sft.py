@@ -188,6 +188,17 @@ def prepare_run_dir(cfg: StrictModel, independent: tuple[str, ...] = RUN_INDEPEN
     return int(state["step"])
 
 
+def start_run(cfg: StrictModel, independent: tuple[str, ...] = RUN_INDEPENDENT_KEYS) -> Path:
+    """A job's ``output_dir``, checked (``prepare_run_dir``), with the run's config and the
+    provenance of this start written into it."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(cfg, independent)
+    save_config(cfg, out / "config.yaml")
+    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+    return out
+
+
 def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -197,11 +208,7 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> dict:
     from trainers.sft import SFTTrainer, load_sft_conversations, load_text, planned_steps, tokenize_all, training_rows
 
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(cfg)
-    save_config(cfg, out / "config.yaml")
-    (out / "provenance.json").write_text(json.dumps(provenance(cfg, run_dir=out), indent=1))
+    out = start_run(cfg)
 
     train_convs, val_convs = load_sft_conversations(cfg.data)
     texts = load_text(cfg.data.text_files)
