@@ -48,6 +48,8 @@ def start(cfg: RayConfig | None = None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
     ray.init(
+        # "local": a new instance, never a head someone started with `ray start` on this machine.
+        address="local",
         num_cpus=cfg.num_cpus or os.cpu_count(),
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.dashboard,
@@ -76,17 +78,39 @@ def local_ray(cfg: RayConfig | None = None) -> Iterator[None]:
         stop(started)
 
 
-def head_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265) -> str:
-    """Start a persistent local head (``ray start --head``) that ``ray job submit`` can reach."""
+def head_env() -> dict[str, str]:
+    """The environment a local head runs in: this interpreter's ``bin`` first on ``PATH``, so a
+    job's entrypoint ``python -m ray_jobs.JOB`` finds the stack whether or not the virtual
+    environment was activated (otherwise it is the system's python: ``No module named 'ray'``)."""
     _local_env()
+    env = dict(os.environ)
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bindir)])
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def head_command(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
+                 temp_dir: str | None = None, block: bool = False) -> list[str]:  # fmt: skip
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
+        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
         f"--port={port}", f"--num-cpus={num_cpus or os.cpu_count()}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, env=os.environ)
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
+    if block:
+        cmd.append("--block")
+    return cmd
+
+
+def head_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265) -> str:
+    """Start a persistent local head (``ray start --head``, loopback only) that ``ray job submit``
+    and ``tooltune submit`` can reach; returns its job-server address."""
+    subprocess.run(head_command(num_cpus, port, dashboard_port), check=True, env=head_env())
     return f"http://127.0.0.1:{dashboard_port}"
 
 
 def head_down() -> None:
+    """``ray stop``: stops every Ray process of this user on this machine."""
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], check=True)

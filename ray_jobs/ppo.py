@@ -240,6 +240,14 @@ class Roles:
                 group.close()
 
 
+def placement(cfg: PPOConfig) -> PlacementConfig:
+    """The roles this run starts (the reference, critic and scorers only when used) and their placement."""
+    names = ["rollout", "actor"] + (["reference"] if cfg.reference_source == "role" else [])
+    names += ["critic"] if cfg.algorithm.needs_critic else []
+    names += ["scorers"] if cfg.reward.model else []
+    return PlacementConfig(roles={n: getattr(cfg.roles, n) for n in names}, colocate=cfg.roles.colocate)
+
+
 def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
     """Place every role, start the engines and learners, and join the weight-sync group."""
     from ray_jobs.reward_model import start_scorers
@@ -247,11 +255,7 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
     from rollout.vllm_worker import RolloutWorker
     from trainers.group import LearnerGroup
 
-    names = ["rollout", "actor"] + (["reference"] if cfg.reference_source == "role" else [])
-    names += ["critic"] if cfg.algorithm.needs_critic else []
-    names += ["scorers"] if cfg.reward.model else []
-    placement = PlacementConfig(roles={n: getattr(cfg.roles, n) for n in names}, colocate=cfg.roles.colocate)
-    roles = Roles(place_roles(placement), [])
+    roles = Roles(place_roles(placement(cfg)), [])
     try:
         engine = cfg.rollout.model_dump() | {"model": model_dir}
         roles.workers = roles.groups["rollout"].spawn(RolloutWorker, lambda r: ({**engine, "seed": engine["seed"] + r},))

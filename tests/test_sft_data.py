@@ -56,3 +56,23 @@ def test_evaluation_during_training_needs_a_world_and_whole_weights():
         SFTConfig.model_validate({"data": {"world": None}, "evaluation": {"during_training_every": 10}})
     with pytest.raises(pydantic.ValidationError, match="zero_stage 0-2"):
         SFTConfig.model_validate({"learner": {"zero_stage": 3}, "evaluation": {"during_training_every": 10}})
+
+
+def test_conversations_cut_to_seq_len_are_reported_and_none_left_to_train_on_is_an_error(tiny_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from tooltune.chat import install_tool_template, needs_tool_template
+    from tooltune.data import DataError
+    from trainers.sft import tokenize_all
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if needs_tool_template(tok):
+        install_tool_template(tok)
+    long_question = {"role": "user", "content": "hi " * 200}
+    convs = [(GOOD["messages"], None), ([long_question, {"role": "assistant", "content": "Hello!"}], None)]
+    with caplog.at_level(logging.WARNING):
+        rows = tokenize_all(tok, convs, [], 64)
+    assert len(rows) == 2 and all(len(r["input_ids"]) <= 64 for r in rows)
+    assert "1 of 2 conversations are longer than seq_len 64 and were cut (1 of them lost every token" in caplog.text
+    with pytest.raises(DataError, match="seq_len 8: none of the 2 conversations keeps a token to train on"):
+        tokenize_all(tok, convs, [], 8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,18 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(head + argv[1:])
 
 
+def ray_job_id() -> str | None:
+    """The Ray submission id of the job this process runs in (``ray job submit`` / ``tooltune
+    submit``), from the job config Ray hands its driver; None outside a submitted job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
 def provenance(
     cfg: StrictModel | dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None = None,
     machine: dict[str, Any] | None = None,
@@ -63,6 +76,8 @@ def provenance(
         "config_hash": config_hash(cfg) if cfg is not None else None,
         "overrides": list(overrides),
         "run_dir": str(run_dir) if run_dir is not None else None,
+        # Inside a submitted Ray job: its submission id (``tooltune status ID`` / ``ray job logs ID``).
+        **({"ray_job_id": job_id} if (job_id := ray_job_id()) else {}),
         "machine": machine,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -78,6 +78,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interface_of(ip: str) -> str | None:
+    """The network interface holding address ``ip`` on this machine, if any."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
 class Learner:
     """One rank: a model (under a DeepSpeed engine when it trains or is ZeRO-3 partitioned)."""
 
@@ -92,8 +102,12 @@ class Learner:
 
     # ---- group set-up -------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
-        """Rank 0 is asked for an address and a free port the others then join."""
-        return socket.gethostbyname(socket.gethostname()), free_port()
+        """Rank 0 is asked for an address and a free port the others then join: its node's address
+        as Ray knows it (the hostname may resolve to loopback, 127.0.1.1 on Debian, which other
+        nodes cannot reach)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, build the model and (trainable, or ZeRO-3) its DeepSpeed engine."""
@@ -110,6 +124,14 @@ class Learner:
         accel = get_accelerator()
         if accel.device_name() == "cuda":
             accel.set_device(int(os.environ["LOCAL_RANK"]))
+        if accel.communication_backend_name() == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # Gloo binds to what the hostname resolves to, else to loopback: on a node whose
+            # hostname does not resolve to its own address, the ranks of other nodes could not
+            # reach it. Bind to the interface of the address Ray knows the node by.
+            import ray
+
+            if iface := interface_of(ray.util.get_node_ip_address()):
+                os.environ["GLOO_SOCKET_IFNAME"] = iface
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
         torch.manual_seed(self.cfg.seed)
         model = self._build_model()

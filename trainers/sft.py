@@ -3,6 +3,7 @@ checkpoints and resume are ``trainers.loop.StepTrainer``'s)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from trainers.packing import (
     steps_per_epoch,
     truncate,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SFTDataConfig(StrictModel):
@@ -110,10 +113,25 @@ def load_text(paths: list[str]) -> list[str]:
 def tokenize_all(
     tokenizer, convs: list[Conversation], texts: list[str], seq_len: int, conversation_loss: str = "assistant"
 ) -> list[Example]:
-    """Assistant-only (or all-token) masks for conversations, every token for plain text (ended by EOS)."""
-    rows = [truncate(tokenize_conversation(tokenizer, m, t), seq_len) for m, t in convs]
+    """Assistant-only (or all-token) masks for conversations, every token for plain text (ended by EOS).
+
+    Conversations longer than ``seq_len`` are cut to it, and said so in a warning (with how many
+    lost every token they were to be trained on); if none keeps one, that is a ``DataError``
+    rather than a run whose loss is 0 at every step."""
+    full = [tokenize_conversation(tokenizer, m, t) for m, t in convs]
+    rows = [truncate(r, seq_len) for r in full]
     if conversation_loss == "all":
         rows = [{"input_ids": r["input_ids"], "loss_mask": [1] * len(r["input_ids"])} for r in rows]
+    cut = sum(len(r["input_ids"]) > seq_len for r in full)
+    empty = sum(not any(r["loss_mask"][1:]) for r in rows)
+    if rows and empty == len(rows):
+        raise DataError(
+            f"seq_len {seq_len}: none of the {len(rows)} conversations keeps a token to train on once cut to "
+            f"seq_len (longest {max(len(r['input_ids']) for r in full)} tokens); raise train.seq_len"
+        )
+    if cut:
+        log.warning("%d of %d conversations are longer than seq_len %d and were cut (%d of them lost every "
+                    "token to train on)", cut, len(rows), seq_len, empty)  # fmt: skip
     for doc in texts:
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(truncate({"input_ids": ids, "loss_mask": [1] * len(ids)}, seq_len))

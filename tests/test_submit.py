@@ -1,0 +1,211 @@
+"""Job submission to a real local head (``ray start --head`` on loopback): ``tooltune submit``
+and plain ``ray job submit`` run the tiny SFT job; status, logs and stop work on it; a job whose
+driver is killed is retried and resumes, matching an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.local import head_command, head_env
+from cluster.submit import SubmitError, is_loopback, job_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The tiny SFT job, cut short: 8 steps on a small world, a checkpoint every step.
+SMALL = [
+    "data.world.n_train=200", "data.world.n_validation=20", "data.world.n_test=20", "train.max_steps=8",
+    "train.eval_every=100", "train.save_every=1", "train.keep_last=2", "evaluation.during_training_every=null",
+    "learners.cpus=1", "tensorboard=false",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def can_unshare() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A loopback head on free ports, in its own PID namespace where permitted (ending it ends
+    every process it started, and nothing else), else in its own process group."""
+    temp = tmp_path_factory.mktemp("ray")
+    dashboard = free_port()
+    cmd = head_command(num_cpus=2, port=free_port(), dashboard_port=dashboard, temp_dir=str(temp), block=True)
+    cmd += [f"--{name}={free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
+    )]  # fmt: skip
+    isolated = can_unshare()
+    if isolated:
+        cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--kill-child", *cmd]
+    print(f"head: {'own PID namespace' if isolated else 'own process group (unshare not permitted)'}")
+    log = open(temp / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"head did not come up: {(temp / 'head.log').read_text()[-2000:]}") from None
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def tooltune(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(BIN / "tooltune"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"tooltune {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def driver_pids(marker: str) -> list[int]:
+    """Python processes running ``ray_jobs.sft`` whose command line holds ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"ray_jobs.sft" in argv and marker.encode() in argv and b"python" in argv[0]:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_job_spec_checks_before_submitting(tmp_path):
+    spec = job_spec("sft", ROOT / "configs/tiny/sft.yaml", ["learner.lr=0.001"], "http://127.0.0.1:8265")
+    # The entrypoint is what one would type, the config relative to the uploaded project; a
+    # relative output_dir is made absolute in this checkout for a local head.
+    assert spec.entrypoint() == (
+        f"python -m ray_jobs.sft --config configs/tiny/sft.yaml learner.lr=0.001 output_dir={ROOT / 'runs/tiny-sft'}"
+    )
+    assert spec.entrypoint(resume=True).endswith(" resume=true") and spec.config.learner.lr == 0.001
+    assert spec.runtime_env["working_dir"] == str(ROOT) and ".venv/" in spec.runtime_env["excludes"]
+    with pytest.raises(SubmitError, match="output_dir 'runs/tiny-sft' is relative: on a remote cluster"):
+        job_spec("sft", ROOT / "configs/tiny/sft.yaml", [], "http://10.0.0.7:8265")
+    remote = job_spec("sft", ROOT / "configs/tiny/sft.yaml", ["output_dir=/shared/runs/a"], "ray-head:8265")
+    assert "TOOLTUNE_CACHE" not in remote.runtime_env["env_vars"]  # this machine's paths stay here
+    outside = tmp_path / "c.yaml"
+    outside.write_text((ROOT / "configs/tiny/sft.yaml").read_text())
+    with pytest.raises(SubmitError, match="must be inside the project directory"):
+        job_spec("sft", outside, [], "http://127.0.0.1:8265")
+    with pytest.raises(SubmitError, match=r"unknown key 'learner.lrr'"):
+        job_spec("sft", ROOT / "configs/tiny/sft.yaml", ["learner.lrr=1"], "http://127.0.0.1:8265")
+    with pytest.raises(SubmitError, match="unknown job 'sftt'"):
+        job_spec("sftt", ROOT / "configs/tiny/sft.yaml", [], "http://127.0.0.1:8265")
+    assert is_loopback("http://localhost:8265") and is_loopback("127.0.0.1:8265") and not is_loopback("http://10.1.2.3")
+
+
+@pytest.fixture(scope="module")
+def whole(head, tmp_path_factory) -> Path:
+    """The small SFT job submitted with ``tooltune submit --follow``, run to the end."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    out = tooltune("submit", "sft", "--config", "configs/tiny/sft.yaml", *SMALL, f"output_dir={run}",
+                   "--address", head, "--follow")  # fmt: skip
+    assert "SUCCEEDED" in out.stdout, out.stdout[-3000:]
+    job_id = out.stdout.split("submitted ", 1)[1].split()[0]
+    assert json.loads((run / "provenance.json").read_text())["ray_job_id"] == job_id
+    assert sorted(losses(run)) == list(range(1, 9))
+    return run
+
+
+@pytest.mark.slow
+def test_tooltune_submit_and_plain_ray_job_submit_run_the_tiny_sft_job(head, whole, tmp_path):
+    b = tmp_path / "b"
+
+    # The README's command as written, from a shell whose PATH has no virtual environment: the
+    # head (started with the stack's bin first on its PATH) gives the entrypoint its python.
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)
+    plain = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", ".", "--",
+         "python", "-m", "ray_jobs.sft", "--config", "configs/tiny/sft.yaml", *SMALL, f"output_dir={b}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert plain.returncode == 0 and "succeeded" in plain.stdout.lower(), plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert losses(b) == pytest.approx(losses(whole), rel=1e-6)  # the same job, the same numbers
+
+    # status, logs and stop on a job that would run for long.
+    out = tooltune("submit", "sft", "--config", "configs/tiny/sft.yaml", *SMALL, "train.max_steps=100000",
+                   f"output_dir={tmp_path / 'c'}", "--address", head)  # fmt: skip
+    job_id = out.stdout.split("submitted ", 1)[1].split(":")[0]
+    deadline = time.time() + 300
+    while "RUNNING" not in tooltune("status", job_id, "--address", head).stdout:
+        assert time.time() < deadline, "the job never started"
+        time.sleep(1)
+    assert "stop requested" in tooltune("stop", job_id, "--address", head).stdout
+    while "STOPPED" not in (status := tooltune("status", job_id, "--address", head).stdout):
+        assert time.time() < deadline and "FAILED" not in status and "SUCCEEDED" not in status, status
+        time.sleep(1)
+    assert tooltune("logs", job_id, "--address", head).stdout.strip(), "a stopped job keeps its logs"
+
+
+@pytest.mark.slow
+def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, whole, tmp_path):
+    """The driver is killed (as a lost head process or a preempted node would) after a few
+    steps: ``--retries`` submits again with ``resume=true``, and the run picks up its last
+    checkpoint; its losses from there equal those of a run never interrupted."""
+    from cluster.submit import client, submit_with_retries
+
+    cut = tmp_path / "cut"
+    spec = job_spec("sft", ROOT / "configs/tiny/sft.yaml", [*SMALL, f"output_dir={cut}"], head)
+    result: dict = {}
+    log = open(tmp_path / "retries.log", "w")
+    runner = threading.Thread(target=lambda: result.update(zip(("ids", "status"), submit_with_retries(
+        spec, head, retries=1, follow=False, out=log))))  # fmt: skip
+    runner.start()
+    deadline = time.time() + 600
+    while not ((cut / "metrics.jsonl").exists() and len(losses(cut)) >= 3):
+        assert time.time() < deadline and runner.is_alive(), "the first attempt never reached step 3"
+        time.sleep(0.2)
+    # The driver's pid as this machine sees it (the head may run in its own PID namespace).
+    drivers = [pid for pid in driver_pids(f"output_dir={cut}") if pid != os.getpid()]
+    assert len(drivers) == 1, drivers
+    os.kill(drivers[0], signal.SIGKILL)
+    c = client(head)
+    runner.join(600)
+    log.close()
+    assert result["status"] == "SUCCEEDED" and len(result["ids"]) == 2, (tmp_path / "retries.log").read_text()
+    assert c.get_job_status(result["ids"][0]).value == "FAILED"
+    assert "resume=true" in c.get_job_info(result["ids"][1]).entrypoint
+    resumed_from = json.loads((cut / "provenance.json").read_text())
+    assert resumed_from["ray_job_id"] == result["ids"][1]
+    assert sorted(losses(cut)) == list(range(1, 9))
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
