@@ -209,3 +209,17 @@ def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, who
     assert resumed_from["ray_job_id"] == result["ids"][1]
     assert sorted(losses(cut)) == list(range(1, 9))
     assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
+
+
+def test_token_from_a_file_travels_in_a_header_and_nowhere_else(tmp_path, capsys):
+    from cluster.submit import auth_headers
+
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    assert auth_headers("http://10.0.0.7:8265", str(token)) == {"Authorization": "Bearer s3cret-token"}
+    assert auth_headers("http://10.0.0.7:8265", None) == {}  # Ray's own lookup (RAY_AUTH_TOKEN, ~/.ray/auth_token)
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(SubmitError, match="empty token file"):
+        auth_headers("http://10.0.0.7:8265", str(tmp_path / "empty"))
+    spec = job_spec("sft", ROOT / "configs/tiny/sft.yaml", ["output_dir=/shared/x"], "http://10.0.0.7:8265")
+    assert "s3cret" not in spec.entrypoint() + str(spec.runtime_env)
