@@ -14,7 +14,8 @@ import time
 import ray
 
 from cluster.fake_autoscaler import FakeAutoscalingCluster
-from ray_jobs.sft import SFTConfig, run_sft
+from ray_jobs.sft import run_sft
+from tests.drivers.multinode_jobs import sft_config
 
 
 def alive_nodes() -> list[dict]:
@@ -31,16 +32,9 @@ def main(out_dir: str) -> None:
     try:
         ray.init(address="auto")
         before = len(alive_nodes())
-        cfg = SFTConfig.model_validate({
-            "model": "tiny",
-            "ray": {"address": "auto"},
-            "learners": {"num_ranks": 2, "cpus": 1, "gpus": 1, "strategy": "STRICT_SPREAD", "ready_timeout_s": 300},
-            "learner": {"zero_stage": 2, "lr": 3e-3, "micro_batch_size": 2},
-            "data": {"world": {"n_train": 64, "n_validation": 8, "n_test": 8}},
-            "train": {"seq_len": 768, "max_steps": 3, "eval_every": 100, "save_every": 100},
-            "output_dir": out_dir,
-            "tensorboard": False,
-        })  # fmt: skip
+        # The multi-node test's SFT job, its two ranks asking a (fake) GPU each.
+        cfg = sft_config(out_dir, "auto")
+        cfg = cfg.model_copy(update={"learners": cfg.learners.model_copy(update={"gpus": 1.0, "ready_timeout_s": 300.0})})
         result = run_sft(cfg)
         peak = len(alive_nodes())
         gpu_nodes_used = sorted({n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")})
