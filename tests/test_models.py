@@ -37,7 +37,7 @@ def test_prepare_smollm2_offline(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tooltune.cli import main
+    from ray_jobs.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     main(["models", "prepare", "smollm2", "--out", str(tmp_path / "smol")])

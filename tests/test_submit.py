@@ -85,7 +85,7 @@ def head(tmp_path_factory):
 def tooltune(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     # ``python -m`` from the project: this checkout's code (the console script imports the
     # checkout the environment was installed from).
-    out = subprocess.run([sys.executable, "-m", "tooltune.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"tooltune {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out

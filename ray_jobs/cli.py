@@ -1,4 +1,5 @@
-"""The ``tooltune`` command: offline model preparation and the tool world.
+"""The ``tooltune`` command: offline model preparation, the tool world, and jobs on a Ray cluster
+(a driver-layer module: it reaches the domain and ``cluster``).
 
     tooltune models prepare smollm2 [--out DIR] [--force]
     tooltune models prepare tiny --out DIR
