@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m ray_jobs.demo --config configs/smol/sft.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
-	@start=$$(date +%s); $(PY) -m pytest -q tests; rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -q --durations=25 tests; rc=$$?; \
 	echo "tests: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-fast: $(STAMP)
