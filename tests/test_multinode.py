@@ -24,8 +24,11 @@ NAMESPACES = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid
 
 
 def namespaces_permitted() -> bool:
-    probe = [*NAMESPACES, "sh", "-c", "ip link add br0 type bridge && unshare --net true"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
+    probe = [*NAMESPACES, "sh", "-c", "command -v nsenter && ip link add br0 type bridge && unshare --net true"]
+    try:
+        return subprocess.run(probe, capture_output=True).returncode == 0
+    except FileNotFoundError:  # no unshare
+        return False
 
 
 def on_namespaced_nodes(out: Path, model_dir: str) -> dict:
