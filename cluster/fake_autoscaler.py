@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cluster.local import head_env, ray_bin
+
 BASE = Path(__file__).resolve().parent / "fake" / "multinode.yaml"
-
-
-def _ray() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "ray")
 
 
 class FakeAutoscalingCluster:
@@ -40,18 +37,17 @@ class FakeAutoscalingCluster:
         self.config = cfg
 
     def start(self) -> None:
-        subprocess.run([_ray(), "stop", "--force"], check=True, capture_output=True)
+        subprocess.run([ray_bin(), "stop", "--force"], check=True, capture_output=True)
         fd, path = tempfile.mkstemp(suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(self.config, f)
         res = dict(self.head_resources)
-        cmd = [_ray(), "start", "--head", f"--autoscaling-config={path}", f"--num-cpus={res.pop('CPU', 0)}",
+        cmd = [ray_bin(), "start", "--head", f"--autoscaling-config={path}", f"--num-cpus={res.pop('CPU', 0)}",
                f"--num-gpus={res.pop('GPU', 0)}", "--include-dashboard=false"]  # fmt: skip
         if res:
             cmd.append(f"--resources={json.dumps(res)}")
-        env = dict(os.environ, AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        env = head_env() | {"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
         subprocess.run(cmd, check=True, env=env, capture_output=True)
 
     def shutdown(self) -> None:
-        subprocess.run([_ray(), "stop", "--force"], check=True, capture_output=True)
+        subprocess.run([ray_bin(), "stop", "--force"], check=True, capture_output=True)

@@ -78,6 +78,11 @@ def local_ray(cfg: RayConfig | None = None) -> Iterator[None]:
         stop(started)
 
 
+def ray_bin() -> str:
+    """The ``ray`` command of this interpreter's environment."""
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
 def head_env() -> dict[str, str]:
     """The environment a local head runs in: this interpreter's ``bin`` first on ``PATH``, so a
     job's entrypoint ``python -m ray_jobs.JOB`` finds the stack whether or not the virtual
@@ -93,7 +98,7 @@ def head_env() -> dict[str, str]:
 def head_command(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
                  temp_dir: str | None = None, block: bool = False) -> list[str]:  # fmt: skip
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+        ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1",
         f"--port={port}", f"--num-cpus={num_cpus or os.cpu_count()}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
     ]  # fmt: skip
@@ -113,4 +118,4 @@ def head_up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int =
 
 def head_down() -> None:
     """``ray stop``: stops every Ray process of this user on this machine."""
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], check=True)
+    subprocess.run([ray_bin(), "stop"], check=True)

@@ -103,9 +103,10 @@ def job_spec(job: str, config: str | Path, overrides: list[str], address: str, r
     except ConfigError as e:
         raise SubmitError(str(e)) from None
     overrides = list(overrides)
+    local = is_loopback(address)
     out = getattr(cfg, "output_dir", None)
     if out is not None and not Path(out).is_absolute():
-        if not is_loopback(address):
+        if not local:
             raise SubmitError(
                 f"{config}: output_dir {out!r} is relative: on a remote cluster it would be written inside the "
                 "job's unpacked working directory; pass output_dir=<storage every node can write>"
@@ -113,7 +114,7 @@ def job_spec(job: str, config: str | Path, overrides: list[str], address: str, r
         out = str((root / out).resolve())
         overrides.append(f"output_dir={out}")
     env_vars = {"TOKENIZERS_PARALLELISM": "false"}
-    if is_loopback(address):
+    if local:
         # One machine: the job shares this checkout's caches (models built once, not per job).
         for key in ("TOOLTUNE_CACHE", "TORCH_EXTENSIONS_DIR", "VLLM_CACHE_ROOT", "HF_HOME", "HF_HUB_OFFLINE"):
             if key in os.environ:
@@ -123,7 +124,7 @@ def job_spec(job: str, config: str | Path, overrides: list[str], address: str, r
     return JobSpec(job, ["--config", str(rel), *overrides], runtime_env, cfg, out or "")
 
 
-def auth_headers(address: str, token_file: str | None) -> dict[str, str]:
+def auth_headers(token_file: str | None) -> dict[str, str]:
     """The bearer token header for a token-protected cluster; none when Ray's own lookup applies."""
     if token_file:
         token = Path(token_file).read_text().strip()
@@ -139,7 +140,7 @@ def client(address: str, token_file: str | None = None):
     if is_loopback(address):
         # A loopback head started by `tooltune head start` runs without tokens (bound to 127.0.0.1).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return JobSubmissionClient(address, headers=auth_headers(address, token_file) or None)
+    return JobSubmissionClient(address, headers=auth_headers(token_file) or None)
 
 
 def default_address() -> str:
@@ -150,14 +151,10 @@ def submit(spec: JobSpec, address: str, token_file: str | None = None, submissio
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
            resume: bool = False) -> str:  # fmt: skip
     """Submit ``spec``; returns the job's submission id."""
-    kwargs: dict[str, Any] = {}
-    if entrypoint_num_cpus is not None:
-        kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
-    if entrypoint_num_gpus is not None:
-        kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
     return client(address, token_file).submit_job(
         entrypoint=spec.entrypoint(resume), runtime_env=spec.runtime_env, submission_id=submission_id,
-        metadata={"tooltune_job": spec.job, "output_dir": spec.output_dir}, **kwargs,
+        metadata={"tooltune_job": spec.job, "output_dir": spec.output_dir},
+        entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
     )  # fmt: skip
 
 

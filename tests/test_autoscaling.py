@@ -17,23 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local import head_env
+from tests.drivers.namespaces import permitted, unshare
+
 ROOT = Path(__file__).resolve().parents[1]
-NAMESPACES = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--net", "--kill-child"]
-
-
-def namespaces_permitted() -> bool:
-    if os.environ.get("TOOLTUNE_TEST_NO_NAMESPACES"):  # to run the fallback where namespaces work
-        return False
-    try:  # the driver also needs `ip` (iproute2) to bring its loopback up
-        return subprocess.run([*NAMESPACES, "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
+NAMESPACES = unshare(net=True)
 
 
 @pytest.mark.slow
 def test_pending_placement_adds_nodes_job_finishes_idle_nodes_go(tmp_path):
     driver = [sys.executable, "-m", "tests.drivers.autoscale_sft", str(tmp_path / "run")]
-    if namespaces_permitted():
+    if permitted(NAMESPACES, "ip", "link", "set", "lo", "up"):  # the driver brings its loopback up
         cmd = [*NAMESPACES, "bash", "-c", 'ip link set lo up && exec "$@"', "driver", *driver]
         print("fake autoscaler: own user, PID and network namespaces")
     elif os.environ.get("CI") == "true":
@@ -41,9 +35,7 @@ def test_pending_placement_adds_nodes_job_finishes_idle_nodes_go(tmp_path):
         print("fake autoscaler: namespaces not permitted here; running on this CI machine's only Ray")
     else:
         pytest.skip("namespaces not permitted and not CI: the fake autoscaler would stop every Ray process here")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env = head_env() | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0 and lines, out.stdout[-4000:] + out.stderr[-4000:]

@@ -18,19 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.drivers.multinode_jobs import run_jobs, sft_config
+from tests.drivers.namespaces import permitted, unshare
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMESPACES = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
-
-
-def namespaces_permitted() -> bool:
-    if os.environ.get("TOOLTUNE_TEST_NO_NAMESPACES"):  # to run the fallback where namespaces work
-        return False
-    probe = [*NAMESPACES, "sh", "-c", "command -v nsenter && ip link add br0 type bridge && unshare --net true"]
-    try:
-        return subprocess.run(probe, capture_output=True).returncode == 0
-    except FileNotFoundError:  # no unshare
-        return False
+NAMESPACES = unshare(net=True)
 
 
 def on_namespaced_nodes(out: Path, model_dir: str) -> dict:
@@ -60,7 +51,7 @@ def on_cluster_utils(out: Path, model_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_sft_and_ppo_across_three_nodes(tmp_path, tiny_model_dir):
-    if namespaces_permitted():
+    if permitted(NAMESPACES, "sh", "-c", "command -v nsenter && ip link add br0 type bridge && unshare --net true"):
         print("three nodes: each in its own network namespace (10.77.0.1-3 on a bridge)")
         result = on_namespaced_nodes(tmp_path, tiny_model_dir)
         head = "10.77.0.1"

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +17,8 @@ import pytest
 
 from cluster.local import head_command, head_env
 from cluster.submit import SubmitError, is_loopback, job_spec
+from tests.drivers.namespaces import permitted, unshare
+from trainers.learner import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,21 +28,6 @@ SMALL = [
     "train.eval_every=100", "train.save_every=1", "train.keep_last=2", "evaluation.during_training_every=null",
     "learners.cpus=1", "tensorboard=false",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def can_unshare() -> bool:
-    if os.environ.get("TOOLTUNE_TEST_NO_NAMESPACES"):  # to run the fallback where namespaces work
-        return False
-    if not shutil.which("unshare"):
-        return False
-    probe = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "true"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +41,9 @@ def head(tmp_path_factory):
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
     )]  # fmt: skip
-    isolated = can_unshare()
+    isolated = permitted(unshare(), "true")
     if isolated:
-        cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--kill-child", *cmd]
+        cmd = [*unshare(), *cmd]
     print(f"head: {'own PID namespace' if isolated else 'own process group (unshare not permitted)'}")
     log = open(temp / "head.log", "w")
     proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -218,10 +203,10 @@ def test_token_from_a_file_travels_in_a_header_and_nowhere_else(tmp_path, capsys
 
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
-    assert auth_headers("http://10.0.0.7:8265", str(token)) == {"Authorization": "Bearer s3cret-token"}
-    assert auth_headers("http://10.0.0.7:8265", None) == {}  # Ray's own lookup (RAY_AUTH_TOKEN, ~/.ray/auth_token)
+    assert auth_headers(str(token)) == {"Authorization": "Bearer s3cret-token"}
+    assert auth_headers(None) == {}  # Ray's own lookup (RAY_AUTH_TOKEN, ~/.ray/auth_token)
     (tmp_path / "empty").write_text("")
     with pytest.raises(SubmitError, match="empty token file"):
-        auth_headers("http://10.0.0.7:8265", str(tmp_path / "empty"))
+        auth_headers(str(tmp_path / "empty"))
     spec = job_spec("sft", ROOT / "configs/tiny/sft.yaml", ["output_dir=/shared/x"], "http://10.0.0.7:8265")
     assert "s3cret" not in spec.entrypoint() + str(spec.runtime_env)

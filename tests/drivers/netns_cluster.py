@@ -11,13 +11,14 @@ and exits with its status.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from cluster.local import head_env, ray_bin
 
 SUBNET = "10.77.0"
 BRIDGE_IP = f"{SUBNET}.254"
@@ -54,10 +55,8 @@ def main(out_dir: str, module: str, *args: str) -> int:
     nodes = [make_node(i) for i in (1, 2, 3)]
     # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
     temp = tempfile.mkdtemp(prefix="tt-ray-", dir="/tmp")
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
-    env.pop("RAY_ADDRESS", None)
+    ray = ray_bin()
+    env = head_env()
     # The head holds no CPU: every role lands on the two workers (two CPUs each).
     for i, pid in enumerate(nodes, 1):
         common = [f"--node-ip-address={SUBNET}.{i}", f"--temp-dir={temp}/node{i}", "--disable-usage-stats"]
