@@ -25,9 +25,28 @@ class RoleConfig(StrictModel):
     num_ranks: int = Field(1, ge=1)
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
+    # Custom resources per rank, e.g. {"spot": 1} to land on the nodes that offer them.
+    resources: dict[str, float] = Field(default_factory=dict)
     strategy: Strategy = "PACK"
     # Ray waits for resources this long (an autoscaling cluster may need minutes to add nodes).
     ready_timeout_s: float = Field(600.0, gt=0)
+    # Elastic roles (the PPO job's rollout workers): up to this many ranks. The ranks beyond
+    # ``num_ranks`` each ask for a placement group nobody waits for; they join when placed (an
+    # autoscaler adds nodes for them) and leave when their node goes.
+    max_ranks: int | None = Field(None, ge=1)
+    # Ray restarts a rank whose process or node died this many times (-1: always). Only for
+    # roles that can take a rank back (rollout workers), not for learners in a process group.
+    max_restarts: int = Field(0, ge=-1)
+
+    @model_validator(mode="after")
+    def _check_elastic(self) -> RoleConfig:
+        if self.max_ranks is not None and self.max_ranks < self.num_ranks:
+            raise ValueError(f"max_ranks ({self.max_ranks}) is below num_ranks ({self.num_ranks})")
+        return self
+
+    @property
+    def extra_ranks(self) -> int:
+        return (self.max_ranks or self.num_ranks) - self.num_ranks
 
 
 class PlacementConfig(StrictModel):
@@ -71,7 +90,11 @@ class PlacementConfig(StrictModel):
 def bundle(roles: list[RoleConfig]) -> dict[str, float]:
     """One bundle holding a rank of each of ``roles``: the sum of their shares."""
     cpus, gpus = sum(r.cpus for r in roles), sum(r.gpus for r in roles)
-    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    custom: dict[str, float] = {}
+    for role in roles:
+        for key, amount in role.resources.items():
+            custom[key] = custom.get(key, 0.0) + amount
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {}) | custom
 
 
 class SharedGroup:
@@ -117,13 +140,20 @@ class RoleGroup:
     def actor_options(self, rank: int) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return {
-            "num_cpus": self.cfg.cpus,
-            "num_gpus": self.cfg.gpus,
+        return self.amounts() | {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=rank
             ),
         }
+
+    def amounts(self) -> dict[str, Any]:
+        """What one rank books of its bundle (and how often Ray restarts it)."""
+        out: dict[str, Any] = {"num_cpus": self.cfg.cpus, "num_gpus": self.cfg.gpus}
+        if self.cfg.resources:
+            out["resources"] = dict(self.cfg.resources)
+        if self.cfg.max_restarts:
+            out["max_restarts"] = self.cfg.max_restarts
+        return out
 
     def spawn(self, cls: type, make_args: Callable[[int], tuple]) -> list:
         """One actor per rank: ``make_args(rank)`` gives each constructor's arguments."""

@@ -54,11 +54,14 @@ def demands(job: str, cfg: StrictModel) -> list[Demand]:
         from ray_jobs.ppo import placement
 
         pc: PlacementConfig = placement(cfg)
-        return [
+        groups = [
             Demand("+".join(names), [bundle([pc.roles[n] for n in names])] * pc.roles[names[0]].num_ranks,
                    pc.roles[names[0]].strategy)
             for names in pc.groups()
         ]  # fmt: skip
+        # The elastic rollout workers: one placement group each, asked for from the start.
+        extra = pc.roles["rollout"]
+        return groups + [Demand(f"rollout-extra-{i}", [bundle([extra])], "PACK") for i in range(extra.extra_ranks)]
     out = []
     if job == "distill":
         t = cfg.teacher

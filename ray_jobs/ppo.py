@@ -25,10 +25,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cluster.local import RayConfig, local_ray
-from cluster.placement import PlacementConfig, RoleConfig, RoleGroup, place_roles
+from cluster.placement import PlacementConfig, RoleConfig, RoleGroup, bundle, place_roles
 from ray_jobs._cli import job_config, user_errors
 from ray_jobs.evaluate import WorkerSettings
 from rollout.agent_loop import LoopConfig, Trajectory, run_episodes
+from rollout.pool import RolloutPool
 from rollout.scorer import RewardScorer, ScorerConfig, score_summary
 from tooltune.config import StrictModel
 from tooltune.episode import Task
@@ -154,6 +155,13 @@ class PPOConfig(StrictModel):
             )
         if self.eval_contrast.pairs_per_form and self.eval_contrast.seed == HELDOUT_SEEDS["test"]:
             raise ValueError(f"eval_contrast.seed {self.eval_contrast.seed} draws the test pairs: validation during training uses another seed")
+        fixed = {n: r for n, r in self.roles if isinstance(r, RoleConfig) and n != "rollout"}
+        elastic = [f"roles.{n}" for n, r in fixed.items() if r.max_ranks not in (None, r.num_ranks) or r.max_restarts]
+        if elastic:
+            raise ValueError(
+                f"{', '.join(elastic)}: max_ranks and max_restarts are for roles.rollout only (learners and scorers "
+                "are fixed process groups: a lost rank fails the job, which resumes from its checkpoint)"
+            )
         rows = self.train.prompts_per_step * self.loop.samples_per_task
         trained = {"actor": self.actor} | ({"critic": self.critic} if self.algorithm.needs_critic else {})
         for name, lc in trained.items():
@@ -221,18 +229,22 @@ class Roles:
     """Everything the job started, for the step and for shutdown."""
 
     groups: dict[str, RoleGroup]
-    workers: list[Any]
+    pool: RolloutPool | None = None
     actor: Any = None
     reference: Any = None
     critic: Any = None
     scorer: RewardScorer | None = None
     learner_groups: list[Any] = field(default_factory=list)
 
-    def shutdown(self) -> None:
-        import ray
+    @property
+    def workers(self) -> list[Any]:
+        """The rollout workers serving now."""
+        return self.pool.live() if self.pool else []
 
+    def shutdown(self) -> None:
         try:
-            ray.get([w.shutdown.remote() for w in self.workers])
+            if self.pool is not None:
+                self.pool.shutdown()
         finally:
             for group in self.learner_groups:
                 group.shutdown()
@@ -251,14 +263,10 @@ def placement(cfg: PPOConfig) -> PlacementConfig:
 def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
     """Place every role, start the engines and learners, and join the weight-sync group."""
     from ray_jobs.reward_model import start_scorers
-    from ray_jobs.weight_sync import connect_weight_sync
-    from rollout.vllm_worker import RolloutWorker
     from trainers.group import LearnerGroup
 
-    roles = Roles(place_roles(placement(cfg)), [])
+    roles = Roles(place_roles(placement(cfg)))
     try:
-        engine = cfg.rollout.model_dump() | {"model": model_dir}
-        roles.workers = roles.groups["rollout"].spawn(RolloutWorker, lambda r: ({**engine, "seed": engine["seed"] + r},))
         optimizer_steps = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
 
         def learners(name: str, lc: LearnerConfig) -> Any:
@@ -281,11 +289,39 @@ def start_roles(cfg: PPOConfig, model_dir: str, tokenizer) -> Roles:
             roles.learner_groups.append(scorers)
         else:
             roles.scorer = RewardScorer([], tokenizer, cfg.reward.scorer)
-        connect_weight_sync(roles.actor, roles.workers, cfg.weight_sync)
+        roles.pool = rollout_pool(cfg, model_dir, roles.groups["rollout"], roles.actor)
     except BaseException:
         roles.shutdown()
         raise
     return roles
+
+
+def rollout_pool(cfg: PPOConfig, model_dir: str, group: RoleGroup, actor: Any) -> RolloutPool:
+    """The rollout workers: the role's ranks, then any elastic ones (``roles.rollout.max_ranks``),
+    each brought to the learners' weights before it serves (``rollout.pool``)."""
+    import ray
+
+    from ray_jobs.weight_sync import connect_weight_sync, sync_weights
+    from rollout.vllm_worker import RolloutWorker
+
+    engine = cfg.rollout.model_dump() | {"model": model_dir}
+    remote = ray.remote(RolloutWorker)
+    catch_up_cfg = cfg.weight_sync.model_copy(update={"transport": "object_store"})
+
+    def spawn(slot: int, options: dict[str, Any]) -> Any:
+        return remote.options(**(group.amounts() | options)).remote({**engine, "seed": engine["seed"] + slot})
+
+    role = cfg.roles.rollout
+    return RolloutPool(
+        spawn,
+        [group.actor_options(r) for r in range(role.num_ranks)],
+        [bundle([role])] * role.extra_ranks,
+        # One worker alone is caught up through the object store: no group to form for it.
+        catch_up=lambda workers, version: sync_weights(actor, workers, version, catch_up_cfg),
+        regroup=lambda workers: connect_weight_sync(actor, workers, cfg.weight_sync),
+        sync=lambda workers, version: sync_weights(actor, workers, version, cfg.weight_sync),
+        ready_timeout_s=role.ready_timeout_s,
+    )
 
 
 def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, registry, step: int) -> Samples:
@@ -296,7 +332,8 @@ def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, regi
         # Fresh randomness each step, still a pure function of the step.
         loop = loop.model_copy(update={"sampling": loop.sampling.model_copy(update={"seed": loop.sampling.seed + step})})
     prompts = step_tasks(tasks, cfg.train.prompts_per_step, step, cfg.train.seed)
-    trajectories = run_episodes(prompts, roles.workers, tokenizer, loop, registry)
+    roles.pool.refresh()
+    trajectories = run_episodes(prompts, roles.pool, tokenizer, loop, registry)
     rollout_s = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -307,7 +344,7 @@ def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, regi
     parts = sorted({p for s in scores for p in s.rule_parts})
     generated = sum(sum(tr.action_mask) for tr in trajectories)
     metrics = score_summary(scores) | {f"reward/rule/{p}": sum(s.rule_parts.get(p, 0.0) for s in scores) / n for p in parts}
-    metrics |= batch_call_metrics(trajectories, loop.samples_per_task) | {
+    metrics |= roles.pool.metrics() | batch_call_metrics(trajectories, loop.samples_per_task) | {
         "time/rollout_s": rollout_s,
         "time/score_s": score_s,
         "perf/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
@@ -337,7 +374,7 @@ def evaluate_workers(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer,
     contrast = cfg.eval_contrast.tasks(pairs)
     greedy = cfg.loop.sampling.model_copy(update={"temperature": 0.0})
     loop = cfg.loop.model_copy(update={"samples_per_task": 1, "sampling": greedy})
-    runs = run_episodes(tasks + contrast, roles.workers, tokenizer, loop, registry)
+    runs = run_episodes(tasks + contrast, roles.pool, tokenizer, loop, registry)
     metrics = tool_eval_scalars(compute_metrics(tasks, [r.episode for r in runs[: len(tasks)]]))
     metrics = {k.replace("tool_eval/", "eval/"): v for k, v in metrics.items()}
     if pairs:
@@ -351,7 +388,6 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
     from transformers import AutoTokenizer
 
     from ray_jobs.sft import start_run
-    from ray_jobs.weight_sync import sync_weights
     from tooltune.chat import install_tool_template, needs_tool_template
     from tooltune.tracking import MetricsLogger, plot_curves
     from tooltune.world import generate_world, world_registry
@@ -388,13 +424,16 @@ def run_ppo(cfg: PPOConfig, stop_after: int | None = None, on_step=None) -> dict
                 roles.actor, roles.reference, roles.critic, tokenizer, cfg.train, cfg.algorithm,
                 cfg.loop.sampling.temperature,
                 sample=lambda step: sample_step(cfg, roles, train_tasks, tokenizer, registry, step),
-                sync=lambda version: sync_weights(roles.actor, roles.workers, version, cfg.weight_sync),
+                sync=roles.pool.sync,
                 output_dir=out, logger=logger,
                 evaluate=(lambda: evaluate_workers(cfg, roles, validation, tokenizer, registry)) if validation else None,
             )  # fmt: skip
             hook = (lambda done, metrics: on_step(done, metrics, roles)) if on_step else None
             history = trainer.fit(resume=cfg.resume, stop_after=stop_after, on_step=hook)
         finally:
+            if roles.pool is not None and roles.pool.events:
+                with (out / "pool_events.jsonl").open("a") as f:
+                    f.writelines(json.dumps(e.record()) + "\n" for e in roles.pool.events)
             roles.shutdown()
     logger.close()
     plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES, f"PPO {out.name}")

@@ -75,19 +75,59 @@ class Scheduler:
 
 
 class Workers:
-    """One or more workers (local objects, Ray actor handles, or bare callables) behind one call."""
+    """One or more workers (local objects, Ray actor handles, or bare callables) behind one call;
+    or a ``rollout.pool.RolloutPool``, whose workers may come and go during the rollout."""
 
     def __init__(self, worker: Any):
-        self.workers = list(worker) if isinstance(worker, (list, tuple)) else [worker]
+        from rollout.pool import RolloutPool
+
+        self.pool: RolloutPool | None = worker if isinstance(worker, RolloutPool) else None
+        if self.pool is not None:
+            self.workers = self.pool.live() or self.pool.wait_live()
+        else:
+            self.workers = list(worker) if isinstance(worker, (list, tuple)) else [worker]
         if not self.workers:
             raise ValueError("no rollout worker given")
         self.per_request = all(_takes_requests(w) for w in self.workers)
+        self.reissued = 0
+        # Pool only: the oldest policy version a generation may come from (a worker restarted in
+        # between serves an older one), each episode's worker, and one event per lost worker
+        # that its other pending requests wait on beside their own reply.
+        self.min_version: int | None = None
+        self._assigned: dict[int, Any] = {}
+        self._gone: dict[int, asyncio.Event] = {}
 
     async def one(self, index: int, prompt: list[int], sampling: dict[str, Any]) -> Any:
         """One generation. An episode stays on one worker: its earlier turns are in that
-        engine's prefix cache."""
-        method = self.workers[index % len(self.workers)].generate_one
-        return await (method.remote(prompt, sampling) if hasattr(method, "remote") else method(prompt, sampling))
+        engine's prefix cache. From a pool, a request whose worker is lost goes, unchanged, to
+        another one."""
+        if self.pool is None:
+            method = self.workers[index % len(self.workers)].generate_one
+            return await (method.remote(prompt, sampling) if hasattr(method, "remote") else method(prompt, sampling))
+        from ray.exceptions import RayActorError
+
+        while True:
+            worker = await self._worker_for(index)
+            call = asyncio.ensure_future(_awaited(worker.generate_one.remote(prompt, sampling)))
+            gone = asyncio.ensure_future(self._gone_event(worker).wait())
+            done, _ = await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if call not in done:  # its worker was lost meanwhile: abandon the request
+                call.cancel()
+                self._reissue(index)
+                continue
+            try:
+                generation = call.result()
+            except RayActorError as e:
+                self._lose(worker, f"{type(e).__name__}: {_first_line(e)}")
+                self._reissue(index)
+                continue
+            served = [v for v in getattr(generation, "versions", []) if v is not None]
+            if self.min_version is not None and served and min(served) < self.min_version:
+                self._lose(worker, f"answered from policy version {min(served)} < {self.min_version}: restarted")
+                self._reissue(index)
+                continue
+            return generation
 
     async def batch(self, prompts: list[list[int]], samplings: list[dict[str, Any]]) -> list[Any]:
         """One generation per prompt, over batched ``generate`` calls: one per sampling (requests
@@ -95,24 +135,41 @@ class Workers:
         groups: dict[str, list[int]] = {}
         for index, sampling in enumerate(samplings):
             groups.setdefault(json.dumps(sampling, sort_keys=True), []).append(index)
-        calls = []
-        for indices in groups.values():
-            for worker, shard in zip(self.workers, _split(indices, len(self.workers))):
-                if shard:
-                    calls.append((shard, _submit(worker, [prompts[i] for i in shard], samplings[shard[0]])))
         out: list[Any] = [None] * len(prompts)
-        for shard, call in calls:
-            results = await call
-            if len(results) != len(shard):
-                raise RuntimeError(f"a worker returned {len(results)} results for {len(shard)} prompts")
-            for index, result in zip(shard, results):
-                if len(result.samples) != 1:
-                    raise RuntimeError(f"expected 1 sample per prompt, got {len(result.samples)}")
-                out[index] = result.samples[0]
+        todo = list(groups.values())
+        while todo:
+            workers = self.workers if self.pool is None else (self.pool.live() or await asyncio.to_thread(self.pool.wait_live))
+            calls = []
+            for indices in todo:
+                for worker, shard in zip(workers, _split(indices, len(workers))):
+                    if shard:
+                        calls.append((worker, shard, _submit(worker, [prompts[i] for i in shard], samplings[shard[0]])))
+            todo = []
+            for worker, shard, call in calls:
+                try:
+                    results = await call
+                except Exception as e:
+                    if self.pool is None or not _is_lost(e):
+                        raise
+                    self._lose(worker, f"{type(e).__name__}: {_first_line(e)}")
+                    self.reissued += len(shard)
+                    self.pool.count("reissued", len(shard))
+                    todo.append(shard)
+                    continue
+                if len(results) != len(shard):
+                    raise RuntimeError(f"a worker returned {len(results)} results for {len(shard)} prompts")
+                for index, result in zip(shard, results):
+                    if len(result.samples) != 1:
+                        raise RuntimeError(f"expected 1 sample per prompt, got {len(result.samples)}")
+                    out[index] = result.samples[0]
         return out
 
     async def policy_version(self) -> int | None:
-        """The version every worker serves (``version()``), or None when a worker cannot tell."""
+        """The version every worker serves (``version()``), or None when a worker cannot tell.
+        A pool's workers serve its version (it catches up any that join)."""
+        if self.pool is not None:
+            self.min_version = self.pool.version
+            return self.pool.version
         versions = set()
         for worker in self.workers:
             method = getattr(worker, "version", None)
@@ -123,6 +180,47 @@ class Workers:
         if len(versions) > 1:
             raise RuntimeError(f"rollout workers serve different policy versions: {sorted(versions)}")
         return versions.pop()
+
+    # ---- a pool's workers coming and going ------------------------------------------------------
+    async def _worker_for(self, index: int) -> Any:
+        assert self.pool is not None
+        worker = self._assigned.get(index)
+        if worker is None:
+            live = self.pool.live() or await asyncio.to_thread(self.pool.wait_live)
+            worker = self._assigned[index] = live[index % len(live)]
+        return worker
+
+    def _gone_event(self, worker: Any) -> asyncio.Event:
+        return self._gone.setdefault(id(worker), asyncio.Event())
+
+    def _lose(self, worker: Any, reason: str) -> None:
+        assert self.pool is not None
+        self.pool.lost(worker, reason)
+        self._gone_event(worker).set()
+        self._gone.pop(id(worker), None)  # a later request to it (once back) waits on a fresh one
+        for index in [i for i, w in self._assigned.items() if w is worker]:
+            del self._assigned[index]
+
+    def _reissue(self, index: int) -> None:
+        self.reissued += 1
+        self._assigned.pop(index, None)
+        if self.pool is not None:
+            self.pool.count("reissued")
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref
+
+
+def _is_lost(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(error, RayActorError)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _takes_requests(worker: Any) -> bool:

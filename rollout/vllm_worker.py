@@ -357,6 +357,12 @@ class RolloutWorker:
     def version(self) -> tuple[int, str | None]:
         return self.policy_version, self.weights_checksum
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
     def shutdown(self) -> None:
         """Release the engine (and any engine processes) before the actor goes away."""
         import gc

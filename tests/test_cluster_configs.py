@@ -116,6 +116,9 @@ def test_demands_follow_the_job_config():
     ppo = load_config(ROOT / "configs/gpu/ppo.yaml", config_class("ppo"))
     by_label = {d.label: d for d in demands("ppo", ppo)}
     assert by_label["rollout"].bundles == [{"CPU": 4.0, "GPU": 1.0}] * 4 and by_label["rollout"].strategy == "SPREAD"
+    # The elastic rollout workers (max_ranks 8): one single-bundle group each, asked for from the start.
+    assert [by_label[f"rollout-extra-{i}"].bundles for i in range(4)] == [[{"CPU": 4.0, "GPU": 1.0}]] * 4
+    assert "rollout-extra-4" not in by_label
     colocated = ppo.model_copy(update={"roles": ppo.roles.model_copy(update={
         "colocate": [["actor", "reference"]],
         "actor": ppo.roles.actor.model_copy(update={"gpus": 0.5, "num_ranks": 2}),

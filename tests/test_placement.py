@@ -24,6 +24,20 @@ def test_a_colocated_bundle_holds_every_roles_share():
     rollout = RoleConfig(cpus=2, gpus=0.25)
     assert bundle([actor, reference, rollout]) == {"CPU": 3.5, "GPU": 1.0}
     assert bundle([RoleConfig(cpus=0.5)]) == {"CPU": 0.5}
+    spot = RoleConfig(cpus=1, resources={"spot": 1}), RoleConfig(cpus=1, resources={"spot": 0.5, "nvme": 1})
+    assert bundle(list(spot)) == {"CPU": 2.0, "spot": 1.5, "nvme": 1.0}
+
+
+def test_elastic_roles_reach_max_ranks_and_book_their_resources():
+    from cluster.placement import RoleGroup
+
+    role = RoleConfig(num_ranks=2, max_ranks=5, cpus=0.5, resources={"spot": 1}, max_restarts=-1)
+    assert role.extra_ranks == 3 and RoleConfig(num_ranks=2).extra_ranks == 0
+    with pytest.raises(ValueError, match=r"max_ranks \(1\) is below num_ranks \(2\)"):
+        RoleConfig(num_ranks=2, max_ranks=1)
+    group = RoleGroup.__new__(RoleGroup)  # amounts() reads the config only: no placement group needed
+    group.cfg = role
+    assert group.amounts() == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"spot": 1.0}, "max_restarts": -1}
 
 
 def test_groups_are_the_colocated_sets_then_each_other_role():

@@ -90,6 +90,10 @@ def test_config_checks_rows_sampling_and_reward_model():
         PPOConfig.model_validate(data | {"roles": data["roles"] | {"colocate": [["actor", "rollout"]]}})
     with pytest.raises(ValidationError, match="reference_source actor_base disables the actor's LoRA adapter"):
         PPOConfig.model_validate(data | {"reference_source": "actor_base"})
+    with pytest.raises(ValidationError, match=r"roles.actor: max_ranks and max_restarts are for roles.rollout only"):
+        PPOConfig.model_validate(data | {"roles": data["roles"] | {"actor": data["roles"]["actor"] | {"max_restarts": 2}}})
+    elastic = data["roles"]["rollout"] | {"max_ranks": 4, "max_restarts": -1}
+    assert PPOConfig.model_validate(data | {"roles": data["roles"] | {"rollout": elastic}}).roles.rollout.extra_ranks == 2
     with pytest.raises(ValidationError, match="contrast_prompts.seed 1 draws the held-out pairs"):
         PPOConfig.model_validate(data | {"contrast_prompts": {"pairs_per_form": 1, "seed": 1}})
 

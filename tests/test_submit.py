@@ -83,15 +83,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def driver_pids(marker: str) -> list[int]:
-    """Python processes running ``ray_jobs.sft`` whose command line holds ``marker``."""
+def driver_pids(marker: str, job: str = "sft") -> list[int]:
+    """Python processes running ``ray_jobs.JOB`` whose command line holds ``marker``."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if proc.name.isdigit() and b"ray_jobs.sft" in argv and marker.encode() in argv and b"python" in argv[0]:
+        if proc.name.isdigit() and f"ray_jobs.{job}".encode() in argv and marker.encode() in argv and b"python" in argv[0]:
             pids.append(int(proc.name))
     return pids
 
@@ -169,10 +169,51 @@ def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, who
     """The driver is killed (as a lost head process or a preempted node would) after a few
     steps: ``--retries`` submits again with ``resume=true``, and the run picks up its last
     checkpoint; its losses from there equal those of a run never interrupted."""
+    cut = tmp_path / "cut"
+    ids = kill_and_retry("sft", "configs/tiny/sft.yaml", [*SMALL, f"output_dir={cut}"], cut, head, tmp_path)
+    resumed_from = json.loads((cut / "provenance.json").read_text())
+    assert resumed_from["ray_job_id"] == ids[1]
+    assert sorted(losses(cut)) == list(range(1, 7))
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
+
+
+# The tiny PPO job, small: GRPO (no critic), no reward model, one actor rank, one rollout worker.
+PPO = [
+    "train.steps=4", "train.save_every=1", "train.eval_every=100", "algorithm.estimator=grpo",
+    "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3", "roles.actor.num_ranks=1", "actor.micro_batch_size=4",
+    "roles.rollout.num_ranks=1", "tensorboard=false", "ray.object_store_gib=0.3",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_ppo_job_is_retried_and_resumes_like_an_uninterrupted_run(head, tmp_path, tiny_model_dir):
+    """The same for the PPO job: killed after step 2, retried, its steps 3 and 4 (rewards,
+    generated tokens, losses, KL) are those of the run never interrupted."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [f"model={tiny_model_dir}", *PPO]
+    out = tooltune("submit", "ppo", "--config", "configs/tiny/ppo.yaml", *args, f"output_dir={whole}", "--address", head, "--follow")
+    assert "SUCCEEDED" in out.stdout, out.stdout[-3000:]
+    kill_and_retry("ppo", "configs/tiny/ppo.yaml", [*args, f"output_dir={cut}"], cut, head, tmp_path)
+
+    def steps(run: Path) -> dict[int, dict]:
+        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
+
+    before, after = steps(whole), steps(cut)
+    assert sorted(before) == sorted(after) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward/total", "batch/generated_tokens", "batch/sequence_tokens", "policy/version"):
+            assert after[step][key] == before[step][key], (step, key)
+        for key in ("train/loss", "policy/kl_ref", "policy/entropy"):
+            assert after[step][key] == pytest.approx(before[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def kill_and_retry(job: str, config: str, overrides: list[str], run: Path, head: str, tmp_path: Path) -> list[str]:
+    """Submit with ``--retries 1``, SIGKILL the driver once the run logged step 2, and wait for
+    the retry to succeed. Returns both attempts' job ids."""
     from cluster.submit import client, submit_with_retries
 
-    cut = tmp_path / "cut"
-    spec = job_spec("sft", ROOT / "configs/tiny/sft.yaml", [*SMALL, f"output_dir={cut}"], head)
+    spec = job_spec(job, ROOT / config, overrides, head)
+    cut = run
     result: dict = {}
     log = open(tmp_path / "retries.log", "w")
     runner = threading.Thread(target=lambda: result.update(zip(("ids", "status"), submit_with_retries(
@@ -183,7 +224,7 @@ def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, who
         assert time.time() < deadline and runner.is_alive(), "the first attempt never reached step 2"
         time.sleep(0.2)
     # The driver's pid as this machine sees it (the head may run in its own PID namespace).
-    drivers = [pid for pid in driver_pids(f"output_dir={cut}") if pid != os.getpid()]
+    drivers = [pid for pid in driver_pids(f"output_dir={cut}", job) if pid != os.getpid()]
     assert len(drivers) == 1, drivers
     os.kill(drivers[0], signal.SIGKILL)
     c = client(head)
@@ -192,10 +233,7 @@ def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, who
     assert result["status"] == "SUCCEEDED" and len(result["ids"]) == 2, (tmp_path / "retries.log").read_text()
     assert c.get_job_status(result["ids"][0]).value == "FAILED"
     assert "resume=true" in c.get_job_info(result["ids"][1]).entrypoint
-    resumed_from = json.loads((cut / "provenance.json").read_text())
-    assert resumed_from["ray_job_id"] == result["ids"][1]
-    assert sorted(losses(cut)) == list(range(1, 7))
-    assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
+    return result["ids"]
 
 
 def test_token_from_a_file_travels_in_a_header_and_nowhere_else(tmp_path, capsys):
