@@ -344,7 +344,7 @@ def sample_step(cfg: PPOConfig, roles: Roles, tasks: list[Task], tokenizer, regi
     parts = sorted({p for s in scores for p in s.rule_parts})
     generated = sum(sum(tr.action_mask) for tr in trajectories)
     metrics = score_summary(scores) | {f"reward/rule/{p}": sum(s.rule_parts.get(p, 0.0) for s in scores) / n for p in parts}
-    metrics |= roles.pool.metrics() | batch_call_metrics(trajectories, loop.samples_per_task) | {
+    metrics |= roles.pool.metrics() | {"pool/scorers_lost": float(roles.scorer.lost)} | batch_call_metrics(trajectories, loop.samples_per_task) | {
         "time/rollout_s": rollout_s,
         "time/score_s": score_s,
         "perf/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),

@@ -138,7 +138,7 @@ def start_scorers(model_dir: str, role: RoleConfig, learner: LearnerConfig | Non
     frozen = base.model_copy(update={"model": model_dir, "head": "reward", "trainable": False, "lora": None})
     group = LearnerGroup("reward-scorers", role, frozen, placement)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return group, RewardScorer(group.actors, tokenizer, scorer_cfg)
+    return group, RewardScorer(group.actors, tokenizer, scorer_cfg, independent=frozen.zero_stage < 3)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ contiguous share of the batch (every actor is called, so a ZeRO-3 group's collec
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from rollout.agent_loop import Trajectory
 from tooltune.chat import reward_ids
 from tooltune.config import StrictModel
 from tooltune.rewards import RewardConfig, rule_reward
+
+logger = logging.getLogger(__name__)
 
 
 class ScorerConfig(StrictModel):
@@ -61,26 +64,50 @@ def score_summary(scores: list[Score]) -> dict[str, float]:
 
 
 class RewardScorer:
-    def __init__(self, actors: list[Any], tokenizer: Any, cfg: ScorerConfig | None = None):
+    def __init__(self, actors: list[Any], tokenizer: Any, cfg: ScorerConfig | None = None, independent: bool = False):
         """``actors``: Ray handles of reward-model ranks (``rewards(list of token ids) -> scores``);
-        none when ``cfg.rm_weight`` is 0 (rules only). ``tokenizer``: the reward model's."""
+        none when ``cfg.rm_weight`` is 0 (rules only). ``tokenizer``: the reward model's.
+        ``independent``: each actor scores alone (no collective: ZeRO-0..2 frozen ranks), so the
+        share of one that dies is scored again by the others, which serve on without it."""
         self.actors, self.tokenizer, self.cfg = list(actors), tokenizer, cfg or ScorerConfig()
+        self.independent, self.lost = independent, 0
         if self.cfg.rm_weight and not self.actors:
             raise ValueError("rm_weight is not 0 but no reward-model actor was given")
 
     def rm_scores(self, token_ids: list[list[int]]) -> list[float]:
         """The reward model's score of each sequence (``tooltune.chat.reward_ids``), the batch
         split into contiguous shares over the actors, ``max_batch`` sequences per call."""
-        import ray
-
         out: list[float] = []
         step = self.cfg.max_batch * len(self.actors)
-        for start in range(0, len(token_ids), step):
+        start = 0
+        while start < len(token_ids):
             chunk = token_ids[start : start + step]
+            out += self._chunk(chunk)
+            start += len(chunk)
+            step = self.cfg.max_batch * len(self.actors)
+        return out
+
+    def _chunk(self, chunk: list[list[int]]) -> list[float]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        while True:
             size = -(-len(chunk) // len(self.actors))
             calls = [actor.rewards.remote(chunk[i * size : (i + 1) * size]) for i, actor in enumerate(self.actors)]
-            out += [score for part in ray.get(calls) for score in part]
-        return out
+            parts: list[Any] = []
+            for actor, call in zip(list(self.actors), calls):
+                try:
+                    parts.append(ray.get(call))
+                except RayActorError as e:
+                    if not self.independent or len(self.actors) == 1:
+                        raise
+                    self.actors.remove(actor)
+                    self.lost += 1
+                    logger.warning("reward scorer lost (%s): its share goes to the %d left", str(e).splitlines()[0][:200], len(self.actors))
+                    parts.append(None)
+            if all(p is not None for p in parts):
+                return [score for part in parts for score in part]
+            # Score the chunk again over the actors left (the shares moved).
 
     def score(self, trajectories: list[Trajectory]) -> list[Score]:
         """One ``Score`` per trajectory, in order. The reward model reads each episode's messages

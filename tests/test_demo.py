@@ -57,12 +57,15 @@ def test_demo_evaluates_the_base_and_the_trained_model_on_the_same_tasks(tmp_pat
     assert "task, before SFT:\n       user: " in printed and "after SFT:\n       user: " in printed
 
     # Run again in the same directory: with resume on it says plainly that the run finished (one
-    # line, exit 2, before any evaluation); with resume=false, as `make demo` runs, it trains again.
+    # line, exit 2, before any evaluation); with resume=false, as `make demo` runs, the directory's
+    # checkpoints and metrics are cleared for a new run (the check the demo makes first).
     with pytest.raises(SystemExit) as stop:
         main(["--config", str(tmp_path / "demo.yaml")])
     assert stop.value.code == 2
     assert "this run already finished (step 2 of 2" in capsys.readouterr().err
-    first = (out / "result.json").stat().st_mtime_ns
-    main(["--config", str(tmp_path / "demo.yaml"), "resume=false"])
-    assert (out / "result.json").stat().st_mtime_ns > first
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    from ray_jobs.sft import SFTConfig, prepare_run_dir
+    from tooltune.config import load_config
+
+    again = load_config(tmp_path / "demo.yaml", SFTConfig, ["resume=false"])
+    assert prepare_run_dir(again) is None
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.local import head_command, head_env
 from cluster.submit import SubmitError, is_loopback, job_spec
-from tests.drivers.namespaces import permitted, unshare
-from trainers.learner import free_port
+from tests.drivers.local_head import kill_and_retry, local_head, losses, tooltune
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,69 +27,9 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A loopback head on free ports, in its own PID namespace where permitted (ending it ends
-    every process it started, and nothing else), else in its own process group."""
-    temp = tmp_path_factory.mktemp("ray")
-    dashboard = free_port()
-    cmd = head_command(num_cpus=2, port=free_port(), dashboard_port=dashboard, temp_dir=str(temp), block=True)
-    cmd += [f"--{name}={free_port()}" for name in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
-    )]  # fmt: skip
-    isolated = permitted(unshare(), "true")
-    if isolated:
-        cmd = [*unshare(), *cmd]
-    print(f"head: {'own PID namespace' if isolated else 'own process group (unshare not permitted)'}")
-    log = open(temp / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"head did not come up: {(temp / 'head.log').read_text()[-2000:]}") from None
-                time.sleep(1)
+def head():
+    with local_head() as address:
         yield address
-    finally:
-        # SIGKILL: in its own PID namespace the head's init goes and every process there with it;
-        # otherwise its process group does (a graceful `ray start --block` exit takes ~30 s).
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-
-
-def tooltune(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    # ``python -m`` from the project: this checkout's code (the console script imports the
-    # checkout the environment was installed from).
-    out = subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise AssertionError(f"tooltune {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def driver_pids(marker: str, job: str = "sft") -> list[int]:
-    """Python processes running ``ray_jobs.JOB`` whose command line holds ``marker``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if proc.name.isdigit() and f"ray_jobs.{job}".encode() in argv and marker.encode() in argv and b"python" in argv[0]:
-            pids.append(int(proc.name))
-    return pids
 
 
 def test_job_spec_checks_before_submitting(tmp_path):
@@ -175,65 +111,6 @@ def test_a_killed_job_is_retried_and_resumes_like_an_uninterrupted_run(head, who
     assert resumed_from["ray_job_id"] == ids[1]
     assert sorted(losses(cut)) == list(range(1, 7))
     assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
-
-
-# The tiny PPO job, small: GRPO (no critic), no reward model, one actor rank, one rollout worker.
-PPO = [
-    "train.steps=4", "train.save_every=1", "train.eval_every=100", "algorithm.estimator=grpo",
-    "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3", "roles.actor.num_ranks=1", "actor.micro_batch_size=4",
-    "roles.rollout.num_ranks=1", "tensorboard=false", "ray.object_store_gib=0.3",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_a_killed_ppo_job_is_retried_and_resumes_like_an_uninterrupted_run(head, tmp_path, tiny_model_dir):
-    """The same for the PPO job: killed after step 2, retried, its steps 3 and 4 (rewards,
-    generated tokens, losses, KL) are those of the run never interrupted."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = [f"model={tiny_model_dir}", *PPO]
-    out = tooltune("submit", "ppo", "--config", "configs/tiny/ppo.yaml", *args, f"output_dir={whole}", "--address", head, "--follow")
-    assert "SUCCEEDED" in out.stdout, out.stdout[-3000:]
-    kill_and_retry("ppo", "configs/tiny/ppo.yaml", [*args, f"output_dir={cut}"], cut, head, tmp_path)
-
-    def steps(run: Path) -> dict[int, dict]:
-        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
-
-    before, after = steps(whole), steps(cut)
-    assert sorted(before) == sorted(after) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in ("reward/total", "batch/generated_tokens", "batch/sequence_tokens", "policy/version"):
-            assert after[step][key] == before[step][key], (step, key)
-        for key in ("train/loss", "policy/kl_ref", "policy/entropy"):
-            assert after[step][key] == pytest.approx(before[step][key], rel=1e-4, abs=1e-6), (step, key)
-
-
-def kill_and_retry(job: str, config: str, overrides: list[str], run: Path, head: str, tmp_path: Path) -> list[str]:
-    """Submit with ``--retries 1``, SIGKILL the driver once the run logged step 2, and wait for
-    the retry to succeed. Returns both attempts' job ids."""
-    from cluster.submit import client, submit_with_retries
-
-    spec = job_spec(job, ROOT / config, overrides, head)
-    cut = run
-    result: dict = {}
-    log = open(tmp_path / "retries.log", "w")
-    runner = threading.Thread(target=lambda: result.update(zip(("ids", "status"), submit_with_retries(
-        spec, head, retries=1, follow=False, out=log))))  # fmt: skip
-    runner.start()
-    deadline = time.time() + 600
-    while not ((cut / "metrics.jsonl").exists() and len(losses(cut)) >= 2):
-        assert time.time() < deadline and runner.is_alive(), "the first attempt never reached step 2"
-        time.sleep(0.2)
-    # The driver's pid as this machine sees it (the head may run in its own PID namespace).
-    drivers = [pid for pid in driver_pids(f"output_dir={cut}", job) if pid != os.getpid()]
-    assert len(drivers) == 1, drivers
-    os.kill(drivers[0], signal.SIGKILL)
-    c = client(head)
-    runner.join(600)
-    log.close()
-    assert result["status"] == "SUCCEEDED" and len(result["ids"]) == 2, (tmp_path / "retries.log").read_text()
-    assert c.get_job_status(result["ids"][0]).value == "FAILED"
-    assert "resume=true" in c.get_job_info(result["ids"][1]).entrypoint
-    return result["ids"]
 
 
 def test_token_from_a_file_travels_in_a_header_and_nowhere_else(tmp_path, capsys):
