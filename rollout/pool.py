@@ -169,7 +169,7 @@ class RolloutPool:
         """Send ``version`` to every live worker. A worker that fails meanwhile is taken out and
         the others that did not get it are caught up one by one."""
         with self.lock:
-            live = self.refresh()
+            live = self.refresh() or self.wait_live()
             try:
                 result = self._sync(live, version)
             except Exception as e:
