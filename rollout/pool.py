@@ -51,6 +51,7 @@ class Extra:
     slot: int
     pg: Any
     member: Member | None = None
+    ready: Any = None  # the one ``pg.ready()`` call (each call is a task that waits for a worker)
 
 
 @dataclass
@@ -152,7 +153,9 @@ class RolloutPool:
                 self._ping()
             while True:
                 for extra in self.extras:
-                    if extra.member is None and ray.wait([extra.pg.ready()], timeout=0)[0]:
+                    if extra.member is None and extra.ready is None:
+                        extra.ready = extra.pg.ready()
+                    if extra.member is None and ray.wait([extra.ready], timeout=0)[0]:
                         extra.member = Member(extra.slot, self._spawn(extra.slot, _pg_options(extra.pg)), "starting")
                         extra.member.probe = extra.member.handle.version.remote()
                 pending = [m for m in self._all() if m.state in ("starting", "lost")]

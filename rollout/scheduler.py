@@ -185,8 +185,9 @@ class Workers:
     async def _worker_for(self, index: int) -> Any:
         assert self.pool is not None
         worker = self._assigned.get(index)
-        if worker is None:
-            live = self.pool.live() or await asyncio.to_thread(self.pool.wait_live)
+        live = self.pool.live()
+        if worker is None or not any(worker is w for w in live):  # new, or its worker taken out meanwhile
+            live = live or await asyncio.to_thread(self.pool.wait_live)
             worker = self._assigned[index] = live[index % len(live)]
         return worker
 

@@ -19,6 +19,7 @@ import pytest
 
 from tests.drivers.multinode_jobs import run_jobs, sft_config
 from tests.drivers.namespaces import permitted, unshare
+from tests.drivers.private_cluster import private_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = unshare(net=True)
@@ -35,18 +36,8 @@ def on_namespaced_nodes(out: Path, model_dir: str) -> dict:
 
 
 def on_cluster_utils(out: Path, model_dir: str) -> dict:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
-    try:
-        ray.init(address=cluster.address)
+    with private_cluster(sys.modules[__name__], {"num_cpus": 0}, ({"num_cpus": 2}, {"num_cpus": 2})):
         return run_jobs(str(out), model_dir)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow

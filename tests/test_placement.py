@@ -3,15 +3,13 @@ two-node Ray cluster (``ray.cluster_utils.Cluster``: two raylets on this machine
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 
 import pytest
 
 from cluster.placement import PlacementConfig, RoleConfig, bundle, place_roles
+from tests.drivers.private_cluster import private_cluster
 from tooltune.config import ConfigError, validate_config
 
 
@@ -88,33 +86,10 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head and a worker node of 2 CPUs each. Ray's address file goes to a private temp dir,
-    so no other ``ray.init()`` on this machine attaches to this cluster meanwhile."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    # Workers cannot import this test module: its Probe travels by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    saved = os.environ.get("RAY_TMPDIR")
-    # Short: Ray's socket paths under it have a length limit.
-    os.environ["RAY_TMPDIR"] = temp_dir = tempfile.mkdtemp(prefix="ttpl", dir="/tmp")
+    """A head and a worker node of 2 CPUs each, private to this module."""
     small = {"num_cpus": 2, "object_store_memory": 80 * 2**20}
-    cluster = None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args=small | {"include_dashboard": False})
-        cluster.add_node(**small)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
+    with private_cluster(sys.modules[__name__], small, (small,)) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR")
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def where(group) -> list[tuple[str | None, int | None, str]]:

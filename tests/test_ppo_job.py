@@ -249,27 +249,4 @@ def test_off_policy_lora_run_overlaps_rollout_with_training(tmp_path, tiny_model
     assert min(moved) > 10 * TOL, moved
 
 
-@pytest.mark.slow
-def test_one_update_per_step_takes_its_denominator_from_the_training_pass(tmp_path, tiny_model_dir):
-    """One epoch of one mini-batch, GRPO with the KL as a loss term: the trainer skips the actor's
-    own log-prob pass (the training pass is on the sampling weights), so every ratio is exactly 1,
-    and the KL to the reference and the engines' gap come from that pass."""
-    from transformers import AutoTokenizer
-
-    from ray_jobs.ppo import run_ppo
-
-    cfg = _config(
-        tiny_model_dir, tmp_path / "run", "reward.model=null", "reward.scorer.rm_weight=0.0", "train.mini_batches=1",
-        "actor.grad_accum_steps=2", "algorithm.estimator=grpo", "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3",
-        "algorithm.kl_coef=0.05", "train.steps=2", "train.eval_every=2", "train.save_every=2",
-    )  # fmt: skip
-    probe = AutoTokenizer.from_pretrained(tiny_model_dir)(PROBE, add_special_tokens=False)["input_ids"]
-    checks = SyncChecks(probe, _hf_logprobs(tiny_model_dir, probe))
-    run_ppo(cfg, on_step=checks)
-    metrics = [s["metrics"] for s in checks.seen]
-    assert [m["policy/version"] for m in metrics] == [1, 2]
-    for m in metrics:
-        assert m["policy/ratio"] == pytest.approx(1.0) and m["policy/clip_fraction"] == 0 and m["policy/approx_kl"] == pytest.approx(0.0, abs=1e-7)
-        assert m["policy/vllm_logprob_gap"] < TOL  # fp32 engines
-    # k3 at the sampling weights: 0 before any update, never negative after.
-    assert metrics[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-4) and metrics[1]["policy/kl_ref"] >= 0
+# The one-update-per-step case (ratio exactly 1) runs as tests/test_rollout_pool.py's PPO run.

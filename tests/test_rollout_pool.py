@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 from rollout.pool import RolloutPool
 from rollout.scheduler import Workers
+from tests.drivers.private_cluster import private_cluster
 
 
 @dataclass
@@ -65,30 +64,9 @@ class EchoWorker:
 @pytest.fixture(scope="module")
 def cluster():
     """A head of 4 CPUs offering one ``rollout`` slot; tests add and remove nodes."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    # Workers cannot import this test module: its classes travel by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir = tempfile.mkdtemp(prefix="ttpo", dir="/tmp")
-    made = None
-    try:
-        made = Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 4, "resources": {"rollout": 1}, "object_store_memory": 400 * 2**20, "include_dashboard": False},
-        )
-        ray.init(address=made.address, logging_level="WARNING")
+    head = {"num_cpus": 4, "resources": {"rollout": 1}, "object_store_memory": 400 * 2**20}
+    with private_cluster(sys.modules[__name__], head) as made:
         yield made
-    finally:
-        ray.shutdown()
-        if made is not None:
-            made.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR")
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _echo_pool(marker: str, calls: dict) -> RolloutPool:
@@ -233,7 +211,12 @@ def test_ppo_rollout_pool_grows_shrinks_and_takes_back_a_killed_worker(cluster, 
     the head offers one): a node with a slot is added after step 1; after step 2 it is removed and
     the head's worker is killed. Every step completes, each rolled out on the weights of the step
     before (a worker serving older ones is refused), and the workers serving after each step hold
-    the learners' version."""
+    the learners' version.
+
+    The run is also the one-update-per-step case (one epoch of one mini-batch, GRPO with the KL
+    as a loss term): the trainer skips the actor's own log-prob pass (the training pass is on the
+    sampling weights), so every ratio is exactly 1, and the engines' log-probs, those of whichever
+    workers served the step (the new one, the restarted one), equal the learners'."""
     import ray
 
     from ray_jobs.ppo import PPOConfig, run_ppo
@@ -242,7 +225,8 @@ def test_ppo_rollout_pool_grows_shrinks_and_takes_back_a_killed_worker(cluster, 
     cfg = load_config(
         "configs/tiny/ppo.yaml", PPOConfig,
         [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "tensorboard=false", "algorithm.estimator=grpo",
-         "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3", "roles.actor.num_ranks=1", "actor.micro_batch_size=4",
+         "algorithm.kl_in_reward=false", "algorithm.kl_kind=k3", "algorithm.kl_coef=0.05", "roles.actor.num_ranks=1",
+         "actor.micro_batch_size=4", "train.mini_batches=1", "actor.grad_accum_steps=2", "train.eval_every=100",
          "roles.rollout={num_ranks: 1, max_ranks: 2, cpus: 0.25, resources: {rollout: 1}, max_restarts: 1}"],
     )  # fmt: skip
     seen: list[dict] = []
@@ -271,3 +255,9 @@ def test_ppo_rollout_pool_grows_shrinks_and_takes_back_a_killed_worker(cluster, 
     assert {("lost", 0), ("lost", 1), ("restarted", 0)} <= set(kinds), kinds
     restarted = next(e for e in events if e["kind"] == "restarted")
     assert restarted["version"] == 2  # caught up to the learners' version before serving step 3
+
+    for m in result["history"]:
+        assert m["policy/ratio"] == pytest.approx(1.0) and m["policy/clip_fraction"] == 0 and m["policy/approx_kl"] == pytest.approx(0.0, abs=1e-7)
+        assert m["policy/vllm_logprob_gap"] < 1e-3  # fp32 engines, on the learners' weights
+    # k3 at the sampling weights: 0 before any update, never negative after.
+    assert result["history"][0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-4) and result["history"][1]["policy/kl_ref"] >= 0
