@@ -120,11 +120,9 @@ class RolloutPool:
         """A call to ``handle`` failed (or came back from an older version): stop sending it work
         until it answers again (restarted) and is caught up."""
         with self.lock:
-            member = self._member(handle)
-            if member is None or member.state != "live":
-                return
-            member.state, member.probe = "lost", handle.version.remote()
-            self._event("lost", member.slot, reason)
+            member = next((m for m in self._all() if m.handle is handle), None)
+            if member is not None and member.state == "live":
+                self._lose(member, reason)
 
     def wait_live(self) -> list[Any]:
         """The live workers, waiting (up to ``ready_timeout_s``) while there are none."""
@@ -178,7 +176,7 @@ class RolloutPool:
             except Exception as e:
                 if not self._ping():
                     raise  # everyone answers: a refusal, not a lost worker
-                logger.warning("weight sync to version %d lost a worker (%s): catching up the others", version, _first_line(e))
+                logger.warning("weight sync to version %d lost a worker (%s): catching up the others", version, first_line(e))
                 behind = [m.handle for m in self._all() if m.state == "live" and self._served(m.handle) < version]
                 result = {"caught_up": len(behind)}
                 if behind:
@@ -211,7 +209,7 @@ class RolloutPool:
             try:
                 ray.get(ref)
             except Exception as e:  # a worker that is gone has nothing left to release
-                logger.info("rollout worker shutdown: %s", _first_line(e))
+                logger.info("rollout worker shutdown: %s", first_line(e))
         for member in self._all():
             ray.kill(member.handle)
         for extra in self.extras:
@@ -221,8 +219,10 @@ class RolloutPool:
     def _all(self) -> list[Member]:
         return self.members + [e.member for e in self.extras if e.member is not None]
 
-    def _member(self, handle: Any) -> Member | None:
-        return next((m for m in self._all() if m.handle is handle or m.handle == handle), None)
+    def _lose(self, member: Member, reason: str) -> None:
+        """Out of service until its probe answers (restarted, or back) and it is caught up."""
+        member.state, member.probe = "lost", member.handle.version.remote()
+        self._event("lost", member.slot, reason)
 
     def _answered(self, member: Member) -> None:
         """A starting or lost worker's probe answered: it is up (caught up, then live) or gone."""
@@ -236,7 +236,7 @@ class RolloutPool:
             return
         except RayActorError as e:  # dead for good: no restart left
             member.state, member.probe = "dead", None
-            self._event("dead", member.slot, _first_line(e))
+            self._event("dead", member.slot, first_line(e))
             return
         was = member.state
         member.probe = None
@@ -244,17 +244,16 @@ class RolloutPool:
             if served < self.version:
                 self._catch_up([member.handle], self.version)
         except RayActorError as e:
-            member.state, member.probe = "lost", member.handle.version.remote()
-            self._event("lost", member.slot, f"while catching up: {_first_line(e)}")
+            self._lose(member, f"while catching up: {first_line(e)}")
             return
         member.state = "live"
         self._nodes([member])
         self._event("joined" if was == "starting" else "restarted", member.slot, f"on node {member.node}")
 
     def _ping(self) -> list[Member]:
-        """Take out the live workers that do not answer ``version()`` within ``ping_timeout_s``,
-        and catch up any that answer from an older version (restarted in between). Returns those
-        taken out."""
+        """Take out the live workers that do not answer ``version()`` within ``ping_timeout_s`` or
+        answer from an older version (restarted in between: ``refresh`` catches them up before
+        they serve again). Returns those taken out."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -273,9 +272,8 @@ class RolloutPool:
                         continue
                     reason = f"serves version {served}: restarted"
                 except RayActorError as e:
-                    reason = _first_line(e)
-            member.state, member.probe = "lost", member.handle.version.remote()
-            self._event("lost", member.slot, reason)
+                    reason = first_line(e)
+            self._lose(member, reason)
             gone.append(member)
         return gone
 
@@ -301,8 +299,7 @@ class RolloutPool:
         event = Event(kind, slot, self.version, detail)  # type: ignore[arg-type]
         self.events.append(event)
         self.counts[kind] += 1
-        logger.warning(event.line())
-        print(event.line(), flush=True)
+        print(event.line(), flush=True)  # in the job's log, whatever logging the job configured
 
 
 def _pg_options(pg: Any) -> dict[str, Any]:
@@ -311,6 +308,6 @@ def _pg_options(pg: Any) -> dict[str, Any]:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)}
 
 
-def _first_line(error: BaseException | str) -> str:
+def first_line(error: BaseException | str) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else type(error).__name__

@@ -14,6 +14,8 @@ import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
+from rollout.pool import RolloutPool, first_line
+
 if TYPE_CHECKING:
     from rollout.agent_loop import SamplingConfig
 
@@ -79,8 +81,6 @@ class Workers:
     or a ``rollout.pool.RolloutPool``, whose workers may come and go during the rollout."""
 
     def __init__(self, worker: Any):
-        from rollout.pool import RolloutPool
-
         self.pool: RolloutPool | None = worker if isinstance(worker, RolloutPool) else None
         if self.pool is not None:
             self.workers = self.pool.live() or self.pool.wait_live()
@@ -119,7 +119,7 @@ class Workers:
             try:
                 generation = call.result()
             except RayActorError as e:
-                self._lose(worker, f"{type(e).__name__}: {_first_line(e)}")
+                self._lose(worker, f"{type(e).__name__}: {first_line(e)}")
                 self._reissue(index)
                 continue
             served = [v for v in getattr(generation, "versions", []) if v is not None]
@@ -151,7 +151,7 @@ class Workers:
                 except Exception as e:
                     if self.pool is None or not _is_lost(e):
                         raise
-                    self._lose(worker, f"{type(e).__name__}: {_first_line(e)}")
+                    self._lose(worker, f"{type(e).__name__}: {first_line(e)}")
                     self.reissued += len(shard)
                     self.pool.count("reissued", len(shard))
                     todo.append(shard)
@@ -217,11 +217,6 @@ def _is_lost(error: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(error, RayActorError)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 def _takes_requests(worker: Any) -> bool:
